@@ -1,0 +1,5 @@
+"""Gated delta rule (Gated DeltaNet): public op, exact references, context-parallel math."""
+from .api import chunk_gated_delta_rule
+from .naive import naive_gated_delta_rule
+
+__all__ = ["chunk_gated_delta_rule", "naive_gated_delta_rule"]

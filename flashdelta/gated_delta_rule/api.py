@@ -1,0 +1,144 @@
+"""Public entry point: FLA's ``chunk_gated_delta_rule`` call surface, dispatched per device."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from .chunked import chunked_gated_delta_rule
+from .inputs import validate
+
+logger = logging.getLogger("flashdelta")
+
+BACKENDS = ("auto", "tilelang", "torch")
+
+# FLA keyword arguments that change the math and are not implemented yet: name -> value that is a no-op.
+_UNSUPPORTED = {"use_gate_in_kernel": False, "use_beta_sigmoid_in_kernel": False,
+                "allow_neg_eigval": False, "cp_context": None}
+# FLA keyword arguments that do not change the result here.
+_ACCEPTED = ("cu_seqlens_cpu", "chunk_indices", "head_first", "chunk_size", "A_log", "dt_bias")
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                           use_qk_l2norm_in_kernel=False, cu_seqlens=None, state_v_first=False,
+                           backend="auto", **kwargs):
+    r"""Gated delta rule, chunked, with FLA's semantics (``fla.ops.gated_delta_rule.chunk_gated_delta_rule``).
+
+    Per sequence and value head, with state ``S`` (K x V, fp32)::
+
+        S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = scale * S_t^T q_t
+
+    Args:
+        q, k: ``[B, T, H, K]``, float16 / bfloat16 / float32 / float64.
+        v: ``[B, T, HV, V]``; HV a multiple of H (value head h reads q/k head ``h // (HV // H)``).
+        g: ``[B, T, HV]`` log-decay (natural log, <= 0).  beta: ``[B, T, HV]``.
+        scale: defaults to ``K ** -0.5``.
+        initial_state: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first``), any float dtype;
+            N = B, or the number of sequences with ``cu_seqlens``.
+        output_final_state: also return the state after the last token.
+        use_qk_l2norm_in_kernel: normalise q and k (``x / sqrt(sum x^2 + 1e-6)``) first.
+        cu_seqlens: ``[N + 1]`` int32/int64 offsets of independent sequences packed in T (B must be 1);
+            segments may be empty. Its values must be known on the host: pass ``cu_seqlens_cpu`` to
+            avoid any synchronisation; otherwise the offsets are copied to the host once per
+            ``cu_seqlens`` tensor and cached (the only host-device synchronisation of this call).
+        state_v_first: state layout ``[.., V, K]`` instead of ``[.., K, V]``.
+        backend: ``"auto"`` (TileLang kernels on Hopper when they apply, else PyTorch), ``"tilelang"``
+            or ``"torch"`` (exact chunked PyTorch; differentiable on every device).
+
+    FLA keywords accepted with no effect: ``cu_seqlens_cpu`` (used as above), ``chunk_indices``,
+    ``head_first=False``, ``chunk_size=64``. Not implemented yet (raise ``NotImplementedError``):
+    ``use_gate_in_kernel``, ``use_beta_sigmoid_in_kernel``, ``allow_neg_eigval``, ``cp_context``.
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, HV, V]`` in q's dtype; final_state fp32 (float64 for float64
+        inputs) or None.
+    """
+    if "transpose_state_layout" in kwargs:       # FLA's deprecated name for state_v_first
+        state_v_first = state_v_first or bool(kwargs.pop("transpose_state_layout"))
+    _check_kwargs(kwargs)
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend`: expected one of {BACKENDS}, got {backend!r}")
+    problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, kwargs.get("cu_seqlens_cpu"), state_v_first)
+    if scale is None:
+        scale = problem.k_dim ** -0.5
+
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
+    if backend != "torch":
+        reason = _tilelang_unavailable(q, v, problem)
+        if reason is None:
+            if backend == "auto" and needs_grad:
+                reason = "the TileLang backward is not implemented yet"
+            else:
+                from .hopper.forward import hopper_forward
+                return _forward_only(hopper_forward, needs_grad)(
+                    q, k, v, g, beta, float(scale), initial_state, bool(output_final_state),
+                    bool(use_qk_l2norm_in_kernel), cu_seqlens, problem.seq_lens, bool(state_v_first))
+        if backend == "tilelang":
+            raise RuntimeError(f"backend='tilelang' cannot run this call: {reason}")
+        logger.debug("flashdelta: torch path (%s)", reason)
+
+    return chunked_gated_delta_rule(
+        q, k, v, g, beta, float(scale), initial_state, bool(output_final_state),
+        bool(use_qk_l2norm_in_kernel), problem, batched=cu_seqlens is None, state_v_first=bool(state_v_first))
+
+
+def _check_kwargs(kwargs):
+    for name, noop in _UNSUPPORTED.items():
+        if name in kwargs and kwargs[name] is not noop and kwargs[name] != noop:
+            raise NotImplementedError(f"`{name}={kwargs[name]!r}` is not supported by flashdelta yet")
+    if kwargs.get("head_first", False):
+        raise ValueError("`head_first=True` is not supported: inputs must be [B, T, H, ...] (as in FLA)")
+    if kwargs.get("chunk_size", 64) != 64:
+        raise NotImplementedError(f"`chunk_size={kwargs['chunk_size']}` is not supported: flashdelta uses 64")
+    unknown = set(kwargs) - set(_UNSUPPORTED) - set(_ACCEPTED)
+    if unknown:
+        raise TypeError(f"chunk_gated_delta_rule() got unexpected keyword arguments {sorted(unknown)}")
+
+
+def _tilelang_unavailable(q, v, problem) -> str | None:
+    """Why the TileLang kernels cannot run this call, or None when they can."""
+    if q.device.type != "cuda":
+        return f"tensors are on {q.device.type}, the kernels need a CUDA Hopper GPU"
+    if _capability(q.device.index if q.device.index is not None else torch.cuda.current_device()) != (9, 0):
+        return "the kernels are built for SM90 (Hopper)"
+    if q.dtype not in (torch.bfloat16, torch.float16) or v.dtype != q.dtype:
+        return f"the kernels take bf16/fp16 q, k, v of one dtype, got {q.dtype} and {v.dtype}"
+    try:
+        from .hopper.forward import supports
+    except ImportError as err:  # tilelang missing or broken
+        return f"TileLang kernels unavailable ({err})"
+    if not supports(problem.k_dim, problem.v_dim):
+        return f"no kernel for head dims K={problem.k_dim}, V={problem.v_dim}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+class _NoBackward(torch.autograd.Function):
+    """Marks kernel outputs as differentiable but refuses the backward pass until it exists."""
+
+    @staticmethod
+    def forward(ctx, o, final, *inputs):
+        return o, final
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("the TileLang backward is not implemented yet: use backend='torch' "
+                                  "(or 'auto') to train")
+
+
+def _forward_only(kernel, needs_grad):
+    if not needs_grad:
+        return kernel
+
+    def run(q, k, v, g, beta, scale, initial_state, *rest):
+        o, final = kernel(q, k, v, g, beta, scale, initial_state, *rest)
+        inputs = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
+        o, final_out = _NoBackward.apply(o, final, *inputs)
+        return o, (final_out if final is not None else None)
+    return run

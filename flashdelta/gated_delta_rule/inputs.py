@@ -1,0 +1,130 @@
+"""Input validation and sequence bookkeeping shared by every backend.
+
+Everything here runs on the host and reads only shapes, dtypes and devices, except the one place
+that must know the segment lengths of ``cu_seqlens`` (see ``sequence_lengths``).
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Shapes of one call, after validation."""
+
+    batch: int          # B
+    tokens: int         # T
+    qk_heads: int       # H
+    v_heads: int        # HV
+    k_dim: int          # K
+    v_dim: int          # V
+    seq_lens: tuple[int, ...]   # per independent sequence (N of them), on the host
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def group(self) -> int:
+        return self.v_heads // self.qk_heads
+
+
+def _fail(name: str, expected: str, got) -> ValueError:
+    return ValueError(f"`{name}`: expected {expected}, got {got}")
+
+
+def _check_tensor(name: str, x, ndim: int, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}`: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"`{name}`: expected dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
+    if x.dim() != ndim:
+        raise _fail(name, f"a {ndim}-D tensor", f"shape {tuple(x.shape)}")
+
+
+# Lengths read from a device cu_seqlens are cached per tensor object (and its version counter), so
+# repeated calls with the same cu_seqlens -- the normal case inside a model -- synchronise once.
+_lengths_cache: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+
+
+def sequence_lengths(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None = None) -> tuple[int, ...]:
+    """Per-sequence lengths on the host.
+
+    Uses ``cu_seqlens_cpu`` when given (no synchronisation). Otherwise reads ``cu_seqlens`` once --
+    one device-to-host copy for a CUDA tensor -- and caches the result for that tensor.
+    """
+    if cu_seqlens_cpu is not None:
+        return _diff(cu_seqlens_cpu.tolist())
+    hit = _lengths_cache.get(cu_seqlens)
+    if hit is not None and hit[0] == cu_seqlens._version:
+        return hit[1]
+    lens = _diff(cu_seqlens.tolist())
+    _lengths_cache[cu_seqlens] = (cu_seqlens._version, lens)
+    return lens
+
+
+def _diff(offsets: list[int]) -> tuple[int, ...]:
+    if not offsets or offsets[0] != 0:
+        raise _fail("cu_seqlens", "offsets starting at 0", offsets[:4])
+    lens = tuple(b - a for a, b in zip(offsets[:-1], offsets[1:]))
+    if any(n < 0 for n in lens):
+        raise _fail("cu_seqlens", "non-decreasing offsets", offsets)
+    return lens
+
+
+def validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_v_first: bool) -> Problem:
+    """Check every argument and return the call's shapes; raise TypeError/ValueError naming the culprit."""
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4)
+    _check_tensor("v", v, 4)
+    _check_tensor("g", g, 3)
+    _check_tensor("beta", beta, 3)
+    B, T, H, K = q.shape
+    if tuple(k.shape) != (B, T, H, K):
+        raise _fail("k", f"shape {(B, T, H, K)} like q [B, T, H, K]", f"shape {tuple(k.shape)}")
+    if tuple(v.shape[:2]) != (B, T):
+        raise _fail("v", f"shape [B={B}, T={T}, HV, V]", f"shape {tuple(v.shape)}")
+    HV, V = v.shape[2], v.shape[3]
+    if H == 0 or HV % H != 0:
+        raise _fail("v", f"a number of value heads HV that is a multiple of H={H}", f"HV={HV}")
+    for name, x in (("g", g), ("beta", beta)):
+        if tuple(x.shape) != (B, T, HV):
+            raise _fail(name, f"shape [B, T, HV] = {(B, T, HV)}", f"shape {tuple(x.shape)}")
+    devices = {x.device for x in (q, k, v, g, beta)}
+    if initial_state is not None:
+        devices.add(initial_state.device)
+    if cu_seqlens is not None:
+        devices.add(cu_seqlens.device)
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    if q.dtype != k.dtype:
+        raise TypeError(f"`k`: expected the dtype of q ({q.dtype}), got {k.dtype}")
+
+    if cu_seqlens is None:
+        seq_lens = (T,) * B
+    else:
+        _check_tensor("cu_seqlens", cu_seqlens, 1, INDEX_DTYPES)
+        if B != 1:
+            raise _fail("q", "batch size 1 when cu_seqlens is given (flatten the sequences)", f"B={B}")
+        if cu_seqlens.numel() < 2:
+            raise _fail("cu_seqlens", "at least 2 offsets [0, ..., T]", f"{cu_seqlens.numel()} values")
+        if cu_seqlens_cpu is not None:
+            _check_tensor("cu_seqlens_cpu", cu_seqlens_cpu, 1, INDEX_DTYPES)
+        seq_lens = sequence_lengths(cu_seqlens, cu_seqlens_cpu)
+        if sum(seq_lens) != T:
+            raise _fail("cu_seqlens", f"a last offset equal to T={T}", sum(seq_lens))
+
+    if initial_state is not None:
+        _check_tensor("initial_state", initial_state, 4)
+        want = (len(seq_lens), HV, V, K) if state_v_first else (len(seq_lens), HV, K, V)
+        layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
+        if tuple(initial_state.shape) != want:
+            raise _fail("initial_state", f"shape {layout} = {want}", f"shape {tuple(initial_state.shape)}")
+    return Problem(B, T, H, HV, K, V, tuple(seq_lens))

@@ -51,7 +51,8 @@ def _check_tensor(name: str, x, ndim: int, dtypes=FLOAT_DTYPES) -> None:
 
 # Lengths read from a device cu_seqlens are cached per tensor object (and its version counter), so
 # repeated calls with the same cu_seqlens -- the normal case inside a model -- synchronise once.
-_lengths_cache: "weakref.WeakKeyDictionary[torch.Tensor, tuple[int, tuple[int, ...]]]" = weakref.WeakKeyDictionary()
+# Keyed by id() with a weak reference: tensors compare elementwise, so they cannot be dict keys.
+_lengths_cache: dict[int, tuple[weakref.ref, int, tuple[int, ...]]] = {}
 
 
 def sequence_lengths(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None = None) -> tuple[int, ...]:
@@ -62,11 +63,16 @@ def sequence_lengths(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | No
     """
     if cu_seqlens_cpu is not None:
         return _diff(cu_seqlens_cpu.tolist())
-    hit = _lengths_cache.get(cu_seqlens)
-    if hit is not None and hit[0] == cu_seqlens._version:
-        return hit[1]
+    key = id(cu_seqlens)
+    hit = _lengths_cache.get(key)
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
     lens = _diff(cu_seqlens.tolist())
-    _lengths_cache[cu_seqlens] = (cu_seqlens._version, lens)
+
+    def forget(ref, key=key):
+        if _lengths_cache.get(key, (None,))[0] is ref:
+            del _lengths_cache[key]
+    _lengths_cache[key] = (weakref.ref(cu_seqlens, forget), cu_seqlens._version, lens)
     return lens
 
 

@@ -1,0 +1,159 @@
+"""Public API: argument validation, FLA keyword compatibility, backend dispatch."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import flashdelta
+from flashdelta import chunk_gated_delta_rule
+from flashdelta.gated_delta_rule import inputs as inputs_mod
+from helpers import make_inputs
+
+
+def args(B=2, T=10, H=2, HV=4, K=8, V=6, dtype=torch.float32, **kw):
+    q, k, v, g, beta, h0 = make_inputs(B, T, H, HV, K, V, dtype=dtype, **kw)
+    return dict(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0)
+
+
+def call(**kw):
+    a = args()
+    a.update(kw)
+    return chunk_gated_delta_rule(**a)
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("q", torch.randn(2, 10, 2), r"`q`: expected a 4-D"),
+    ("k", torch.randn(2, 10, 2, 7), r"`k`: expected shape"),
+    ("v", torch.randn(2, 11, 4, 6), r"`v`: expected shape \[B=2, T=10"),
+    ("v", torch.randn(2, 10, 3, 6), r"`v`: expected a number of value heads HV that is a multiple of H=2"),
+    ("g", torch.randn(2, 10, 3), r"`g`: expected shape \[B, T, HV\]"),
+    ("beta", torch.randn(2, 10), r"`beta`: expected a 3-D"),
+    ("initial_state", torch.randn(2, 4, 6, 8), r"`initial_state`: expected shape \[N, HV, K, V\]"),
+    ("initial_state", torch.randn(3, 4, 8, 6), r"`initial_state`: expected shape"),
+])
+def test_shape_errors(name, value, match):
+    with pytest.raises(ValueError, match=match):
+        call(**{name: value})
+
+
+@pytest.mark.parametrize("name", ["q", "k", "v", "g", "beta", "initial_state"])
+def test_integer_dtype_rejected(name):
+    a = args()
+    with pytest.raises(TypeError, match=f"`{name}`: expected dtype"):
+        call(**{name: a[name].to(torch.int32)})
+
+
+def test_non_tensor_rejected():
+    with pytest.raises(TypeError, match="`q`: expected a torch.Tensor"):
+        call(q=[[1.0]])
+
+
+def test_mismatched_qk_dtype():
+    a = args()
+    with pytest.raises(TypeError, match="`k`: expected the dtype of q"):
+        call(k=a["k"].double())
+
+
+def test_meta_device_mix_rejected():
+    with pytest.raises(ValueError, match="one device"):
+        call(g=torch.zeros(2, 10, 4, device="meta"))
+
+
+def test_state_v_first_shape():
+    a = args()
+    with pytest.raises(ValueError, match=r"\[N, HV, V, K\]"):
+        call(state_v_first=True)
+    o, s = call(state_v_first=True, initial_state=a["initial_state"].transpose(-1, -2), output_final_state=True)
+    assert s.shape == (2, 4, 6, 8)
+
+
+@pytest.mark.parametrize("cu,match", [
+    (torch.tensor([[0, 10]]), "`cu_seqlens`: expected a 1-D"),
+    (torch.tensor([0.0, 10.0]), "`cu_seqlens`: expected dtype"),
+    (torch.tensor([1, 10]), "starting at 0"),
+    (torch.tensor([0, 6, 4, 10]), "non-decreasing"),
+    (torch.tensor([0, 4, 9]), "last offset equal to T=10"),
+    (torch.tensor([0]), "at least 2 offsets"),
+])
+def test_cu_seqlens_errors(cu, match):
+    a = args(B=1, num_seqs=1)
+    with pytest.raises((ValueError, TypeError), match=match):
+        chunk_gated_delta_rule(**a, cu_seqlens=cu)
+
+
+def test_cu_seqlens_needs_batch_one():
+    with pytest.raises(ValueError, match="batch size 1"):
+        call(cu_seqlens=torch.tensor([0, 10]))
+
+
+def test_cu_seqlens_initial_state_count():
+    a = args(B=1, num_seqs=1)
+    with pytest.raises(ValueError, match="initial_state"):
+        chunk_gated_delta_rule(**a, cu_seqlens=torch.tensor([0, 4, 10]))
+
+
+def test_cu_seqlens_cpu_is_used_and_int64_accepted():
+    a = args(B=1, num_seqs=2)
+    cu = torch.tensor([0, 4, 10])
+    o1, s1 = chunk_gated_delta_rule(**a, cu_seqlens=cu, output_final_state=True)
+    o2, s2 = chunk_gated_delta_rule(**a, cu_seqlens=cu.int(), cu_seqlens_cpu=cu, output_final_state=True)
+    assert torch.equal(o1, o2) and torch.equal(s1, s2)
+
+
+def test_sequence_lengths_cached_per_tensor():
+    cu = torch.tensor([0, 3, 9])
+    assert inputs_mod.sequence_lengths(cu) == (3, 6)
+    assert id(cu) in inputs_mod._lengths_cache
+    cu[2] = 8          # in-place change bumps the version: re-read
+    assert inputs_mod.sequence_lengths(cu) == (3, 5)
+    key = id(cu)
+    del cu
+    assert key not in inputs_mod._lengths_cache
+
+
+def test_fla_keywords():
+    o, _ = call(head_first=False, chunk_size=64, chunk_indices=None, cu_seqlens_cpu=None)
+    assert o.shape == (2, 10, 4, 6)
+    for kw in ({"use_gate_in_kernel": True}, {"use_beta_sigmoid_in_kernel": True}, {"allow_neg_eigval": True},
+               {"cp_context": object()}, {"chunk_size": 32}):
+        with pytest.raises(NotImplementedError, match=next(iter(kw))):
+            call(**kw)
+    with pytest.raises(ValueError, match="head_first"):
+        call(head_first=True)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        call(not_an_option=1)
+
+
+def test_transpose_state_layout_alias():
+    a = args()
+    o, s = call(transpose_state_layout=True, initial_state=a["initial_state"].transpose(-1, -2),
+                output_final_state=True)
+    assert s.shape == (2, 4, 6, 8)
+
+
+def test_backend_choice():
+    with pytest.raises(ValueError, match="`backend`"):
+        call(backend="cuda")
+    with pytest.raises(RuntimeError, match="backend='tilelang' cannot run this call: tensors are on cpu"):
+        call(backend="tilelang")
+    a = args()
+    o_auto, _ = chunk_gated_delta_rule(**a)
+    o_torch, _ = chunk_gated_delta_rule(**a, backend="torch")
+    assert torch.equal(o_auto, o_torch)
+
+
+def test_autograd_on_cpu_through_every_input():
+    a = {n: x.requires_grad_() for n, x in args(dtype=torch.float64).items()}
+    o, s = chunk_gated_delta_rule(**a, output_final_state=True)
+    (o.sum() + s.sum()).backward()
+    assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in a.values())
+
+
+def test_import_does_not_touch_cuda_or_tilelang():
+    code = ("import sys, torch, flashdelta; "
+            "assert not torch.cuda.is_initialized(); "
+            "assert 'tilelang' not in sys.modules; print(flashdelta.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == flashdelta.__version__

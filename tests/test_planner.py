@@ -1,0 +1,51 @@
+"""Planner decisions on the host: representative shapes, SM counts, segment bookkeeping."""
+import pytest
+
+from flashdelta.gated_delta_rule.planner import CHUNK, plan_forward
+
+
+@pytest.mark.parametrize("seq_lens,hv", [((8192,) * 4, 32), ((4096,) * 8, 32), ((4096,) * 8, 64), ((8192,) * 4, 64)])
+def test_full_gpu_runs_fused(seq_lens, hv):
+    plan = plan_forward(seq_lens, hv, 128, 132)
+    assert not plan.context_parallel and plan.v_tile == 128 and plan.segments == ()
+
+
+@pytest.mark.parametrize("seq_lens,hv", [((32768,), 8), ((32768,), 16), ((16384,), 8), ((28672, 4096), 8)])
+def test_few_heads_long_sequences_use_cp(seq_lens, hv):
+    plan = plan_forward(seq_lens, hv, 128, 132)
+    assert plan.context_parallel
+    ctas = len(plan.segments) * hv * (128 // plan.v_tile)
+    assert ctas >= 132 // 2            # the split fills (most of) the GPU
+
+
+def test_fewer_sms_mean_longer_segments():
+    big = plan_forward((32768,), 8, 128, 132)
+    small = plan_forward((32768,), 8, 128, 64)
+    assert small.segment_chunks > big.segment_chunks
+    # on very few SMs the doubled work of CP does not pay
+    assert not plan_forward((32768,), 8, 128, 8).context_parallel
+
+
+def test_short_sequences_never_split():
+    plan = plan_forward((128,) * 2, 2, 128, 132)
+    assert not plan.context_parallel
+
+
+def test_cp_can_be_disallowed():
+    assert not plan_forward((32768,), 8, 128, 132, allow_cp=False).context_parallel
+
+
+@pytest.mark.parametrize("seq_lens", [(32768,), (28672, 4096), (0, 20000, 1, 64 * 33)])
+def test_segments_tile_each_sequence(seq_lens):
+    plan = plan_forward(seq_lens, 4, 128, 132)
+    assert plan.context_parallel
+    span = plan.segment_chunks * CHUNK
+    for n, length in enumerate(seq_lens):
+        mine = [(s, t) for m, s, t in plan.segments if m == n]
+        assert sum(t for _, t in mine) == length
+        assert all(s % span == 0 and 0 < t <= span for s, t in mine)
+        assert [s for s, _ in mine] == sorted(s for s, _ in mine)
+
+
+def test_plans_are_cached():
+    assert plan_forward((5000, 7000), 8, 128, 132) is plan_forward((5000, 7000), 8, 128, 132)

@@ -157,3 +157,17 @@ def test_import_does_not_touch_cuda_or_tilelang():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == flashdelta.__version__
+
+
+def test_context_parallel_option_on_torch_path():
+    a = args(B=1, T=700, H=1, HV=2, K=8, V=8, dtype=torch.float64, num_seqs=1)
+    o, s = chunk_gated_delta_rule(**a, output_final_state=True)
+    o_cp, s_cp = chunk_gated_delta_rule(**a, output_final_state=True, context_parallel=3)
+    assert (o_cp - o).abs().max() < 1e-9 and (s_cp - s).abs().max() < 1e-9
+    o_cp, _ = chunk_gated_delta_rule(**a, context_parallel=True)
+    assert (o_cp - o).abs().max() < 1e-9
+    for bad in (0, -2, "yes", 1.5):
+        with pytest.raises(ValueError, match="`context_parallel`"):
+            chunk_gated_delta_rule(**a, context_parallel=bad)
+    with pytest.raises(ValueError, match="needs K == V"):
+        call(context_parallel=True)

@@ -31,8 +31,11 @@ def test_short_sequences_never_split():
     assert not plan.context_parallel
 
 
-def test_cp_can_be_disallowed():
-    assert not plan_forward((32768,), 8, 128, 132, allow_cp=False).context_parallel
+def test_cp_can_be_forced_either_way():
+    assert not plan_forward((32768,), 8, 128, 132, context_parallel=False).context_parallel
+    assert plan_forward((8192,) * 4, 32, 128, 132, context_parallel=True).context_parallel
+    forced = plan_forward((8192,) * 4, 32, 128, 132, context_parallel=16)
+    assert forced.segment_chunks == 16 and len(forced.segments) == 4 * 8
 
 
 @pytest.mark.parametrize("seq_lens", [(32768,), (28672, 4096), (0, 20000, 1, 64 * 33)])

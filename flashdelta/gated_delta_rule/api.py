@@ -6,8 +6,10 @@ import logging
 
 import torch
 
-from .chunked import chunked_gated_delta_rule
+from .chunked import chunked_gated_delta_rule, chunked_varlen_forward
+from .cp_forward import context_parallel_forward
 from .inputs import validate
+from .planner import plan_forward
 
 logger = logging.getLogger("flashdelta")
 
@@ -22,7 +24,7 @@ _ACCEPTED = ("cu_seqlens_cpu", "chunk_indices", "head_first", "chunk_size", "A_l
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            use_qk_l2norm_in_kernel=False, cu_seqlens=None, state_v_first=False,
-                           backend="auto", **kwargs):
+                           backend="auto", context_parallel=None, **kwargs):
     r"""Gated delta rule, chunked, with FLA's semantics (``fla.ops.gated_delta_rule.chunk_gated_delta_rule``).
 
     Per sequence and value head, with state ``S`` (K x V, fp32)::
@@ -45,6 +47,10 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         state_v_first: state layout ``[.., V, K]`` instead of ``[.., K, V]``.
         backend: ``"auto"`` (TileLang kernels on Hopper when they apply, else PyTorch), ``"tilelang"``
             or ``"torch"`` (exact chunked PyTorch; differentiable on every device).
+        context_parallel: split long sequences into segments processed in parallel (DESIGN section 3):
+            None = the planner decides (kernel path only), False = never, True = always, an int =
+            that many 64-token chunks per segment. Needs K == V. Where the gate-driven truncation
+            applies, results differ from the unsplit ones by at most e^-12 of the state's norm.
 
     FLA keywords accepted with no effect: ``cu_seqlens_cpu`` (used as above), ``chunk_indices``,
     ``head_first=False``, ``chunk_size=64``. Not implemented yet (raise ``NotImplementedError``):
@@ -59,29 +65,49 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     _check_kwargs(kwargs)
     if backend not in BACKENDS:
         raise ValueError(f"`backend`: expected one of {BACKENDS}, got {backend!r}")
+    if not (context_parallel is None or isinstance(context_parallel, bool)
+            or (isinstance(context_parallel, int) and context_parallel >= 1)):
+        raise ValueError(f"`context_parallel`: expected None, a bool or a positive int, got {context_parallel!r}")
     problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, kwargs.get("cu_seqlens_cpu"), state_v_first)
     if scale is None:
         scale = problem.k_dim ** -0.5
 
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
+    args = (q, k, v, g, beta, float(scale), initial_state, bool(output_final_state), bool(use_qk_l2norm_in_kernel))
     if backend != "torch":
         reason = _tilelang_unavailable(q, v, problem)
+        if reason is None and backend == "auto" and needs_grad:
+            reason = "the TileLang backward is not implemented yet"
         if reason is None:
-            if backend == "auto" and needs_grad:
-                reason = "the TileLang backward is not implemented yet"
-            else:
-                from .hopper.forward import hopper_forward
-                return _forward_only(hopper_forward, needs_grad)(
-                    q, k, v, g, beta, float(scale), initial_state, bool(output_final_state),
-                    bool(use_qk_l2norm_in_kernel), cu_seqlens, problem.seq_lens, bool(state_v_first))
+            from .hopper.forward import hopper_forward
+            kernel = _forward_only(hopper_forward, needs_grad)
+            plan = _plan(problem, context_parallel, _sm_count(q.device))
+            if plan is not None:
+                return context_parallel_forward(kernel, *args, problem, cu_seqlens is None, bool(state_v_first), plan)
+            return kernel(*args, cu_seqlens, problem.seq_lens, bool(state_v_first))
         if backend == "tilelang":
             raise RuntimeError(f"backend='tilelang' cannot run this call: {reason}")
         logger.debug("flashdelta: torch path (%s)", reason)
 
-    return chunked_gated_delta_rule(
-        q, k, v, g, beta, float(scale), initial_state, bool(output_final_state),
-        bool(use_qk_l2norm_in_kernel), problem, batched=cu_seqlens is None, state_v_first=bool(state_v_first))
+    if context_parallel is not None and context_parallel is not False:   # torch path: only when asked for
+        plan = _plan(problem, context_parallel, sm_count=1)
+        if plan is not None:
+            return context_parallel_forward(chunked_varlen_forward, *args, problem, cu_seqlens is None,
+                                            bool(state_v_first), plan)
+    return chunked_gated_delta_rule(*args, problem, batched=cu_seqlens is None, state_v_first=bool(state_v_first))
+
+
+def _plan(problem, context_parallel, sm_count):
+    """The CP plan for this call, or None to run unsplit."""
+    if context_parallel is False:
+        return None
+    if problem.k_dim != problem.v_dim:
+        if context_parallel is None:
+            return None
+        raise ValueError(f"`context_parallel`: needs K == V, got K={problem.k_dim}, V={problem.v_dim}")
+    plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, sm_count, context_parallel)
+    return plan if plan.context_parallel else None
 
 
 def _check_kwargs(kwargs):
@@ -117,6 +143,11 @@ def _tilelang_unavailable(q, v, problem) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _capability(index: int):
     return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _NoBackward(torch.autograd.Function):

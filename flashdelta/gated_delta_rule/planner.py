@@ -65,17 +65,27 @@ def estimate(seq_chunks: tuple[int, ...], v_heads: int, v_dim: int, sm_count: in
 
 @lru_cache(maxsize=256)
 def plan_forward(seq_lens: tuple[int, ...], v_heads: int, v_dim: int, sm_count: int,
-                 allow_cp: bool = True) -> Plan:
-    """The fastest modelled layout for these per-sequence lengths (a pure function: cached)."""
+                 context_parallel: bool | int | None = None) -> Plan:
+    """The fastest modelled layout for these per-sequence lengths (a pure function: cached).
+
+    ``context_parallel``: None lets the model choose; False never splits; True always splits (best
+    modelled segment length); an int forces that many chunks per segment.
+    """
     seq_chunks = tuple(-(-n // CHUNK) for n in seq_lens)
     longest = max(seq_chunks, default=0)
     tiles = [t for t in sorted(TUNING["step_cost"], reverse=True) if t <= max(v_dim, 32)]
-    lengths = [None]
-    if allow_cp:
+    if context_parallel is True or context_parallel is None:
         L = TUNING["min_segment_chunks"]
-        while L < longest:
-            lengths.append(L)
+        lengths = [L]
+        while L * 2 < longest:
             L *= 2
+            lengths.append(L)
+        if context_parallel is None:
+            lengths = [None] + [L for L in lengths if L < longest]
+    elif context_parallel is False:
+        lengths = [None]
+    else:
+        lengths = [int(context_parallel)]
     best = min(((estimate(seq_chunks, v_heads, v_dim, sm_count, t, L), -t, L or 0) for t in tiles for L in lengths))
     v_tile, L = -best[1], best[2] or None
     return Plan(v_tile, L, _segments(seq_lens, L) if L else ())

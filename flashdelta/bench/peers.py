@@ -1,0 +1,228 @@
+"""The implementations compared: flashdelta, FLA's Triton path, FlashQLA, and a float64 token loop.
+
+Each is found at run time; ``load()`` returns a one-line reason when it cannot run here. Every
+implementation also reports which code path really ran (``path()``), checked on the first call.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+
+import torch
+
+from .configs import Config
+from .inputs import GRAD_NAMES, InputSet
+
+
+@contextlib.contextmanager
+def spy(module, attr: str):
+    """Count calls of ``module.attr`` while the block runs (the callee looks it up at call time)."""
+    original = getattr(module, attr)
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    setattr(module, attr, wrapper)
+    try:
+        yield calls
+    finally:
+        setattr(module, attr, original)
+
+
+def run(impl, inp: InputSet, cfg: Config) -> dict[str, torch.Tensor]:
+    """One call: outputs, plus the gradients of every input in fwd+bwd mode."""
+    if cfg.mode == "fwd":
+        with torch.no_grad():
+            o, ht = impl(inp)
+        return {"o": o, "ht": ht}
+    o, ht = impl(inp)
+    grads = torch.autograd.grad((o, ht), inp.leaves, (inp.do.to(o.dtype), inp.dht.to(ht.dtype)))
+    return {"o": o, "ht": ht, **dict(zip(GRAD_NAMES, grads))}
+
+
+class Impl:
+    name = ""
+    timed = True                # False: used only as a correctness reference
+
+    def load(self, device: torch.device) -> str | None:
+        """None when usable on ``device``, else why not (one line)."""
+        raise NotImplementedError
+
+    def applies(self, cfg: Config) -> str | None:
+        """None when this configuration can run, else why not."""
+        return None
+
+    def __call__(self, inp: InputSet):
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def watch(self):
+        """Around the first call: yields a function that then says which code path ran."""
+        yield lambda: self.description
+
+    description = ""
+
+
+class FlashDelta(Impl):
+    name = "flashdelta"
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+
+    def load(self, device):
+        from flashdelta import chunk_gated_delta_rule
+        self.fn = chunk_gated_delta_rule
+        return None
+
+    def __call__(self, inp):
+        return self.fn(inp.q, inp.k, inp.v, inp.g, inp.beta, initial_state=inp.h0, output_final_state=True,
+                       cu_seqlens=inp.cu_seqlens, cu_seqlens_cpu=inp.cu_seqlens_cpu, backend=self.backend)
+
+    @contextlib.contextmanager
+    def watch(self):
+        # The public op falls back to its PyTorch path (logging why at DEBUG) when the kernels cannot run
+        # the call: count calls of that path and keep the logged reason.
+        from flashdelta.gated_delta_rule import api
+        records = []
+        handler = _ListHandler(records)
+        log = logging.getLogger("flashdelta")
+        old_level = log.level
+        log.addHandler(handler)
+        log.setLevel(logging.DEBUG)
+        try:
+            with spy(api, "chunked_gated_delta_rule") as calls:
+                yield lambda: _flashdelta_path(calls, records)
+        finally:
+            log.removeHandler(handler)
+            log.setLevel(old_level)
+
+
+def _flashdelta_path(calls, records) -> str:
+    if not calls:
+        return "tilelang"
+    reasons = [r for r in records if "torch path" in r]
+    return "torch" + (f" ({reasons[0].split('(', 1)[-1].rstrip(')')})" if reasons else "")
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, records: list[str]):
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record):
+        self.records.append(record.getMessage())
+
+
+class FLATriton(Impl):
+    """fla-core's chunk_gated_delta_rule with its FlashQLA backend switched off (FLA_FLASH_QLA=0)."""
+
+    name = "FLA"
+
+    def load(self, device):
+        if device.type != "cuda":
+            return "needs a CUDA GPU"
+        # fla 0.6.0 dispatches chunk_gated_delta_rule to FlashQLA (when importable) unless this is "0";
+        # it reads the variable on every call, and setting it before the import keeps any import-time use right.
+        os.environ["FLA_FLASH_QLA"] = "0"
+        try:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        except Exception as err:            # absent, or broken against this torch/triton
+            return f"fla-core not importable ({type(err).__name__}: {_first_line(err)})"
+        self.fn = chunk_gated_delta_rule
+        return None
+
+    def __call__(self, inp):
+        cu = cu_cpu = None
+        if inp.cu_seqlens is not None:
+            cu, cu_cpu = _long_offsets(inp)
+        return self.fn(inp.q, inp.k, inp.v, inp.g, inp.beta, initial_state=inp.h0, output_final_state=True,
+                       cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)
+
+    @contextlib.contextmanager
+    def watch(self):
+        flash_qla = sys.modules.get("flash_qla")
+        if flash_qla is None:
+            try:
+                import flash_qla
+            except Exception:                # then FLA cannot dispatch to it either
+                yield lambda: "Triton (flash_qla not importable)"
+                return
+        with spy(flash_qla, "chunk_gated_delta_rule") as calls:
+            yield lambda: _fla_path(calls)
+
+
+def _fla_path(calls) -> str:
+    if calls:
+        raise RuntimeError("FLA dispatched to FlashQLA although FLA_FLASH_QLA=0")
+    return "Triton (FLA_FLASH_QLA=0; flash_qla not called)"
+
+
+def _long_offsets(inp: InputSet):
+    """FLA takes int64 offsets. Made once per input set and kept, so FLA's per-tensor caches hit as in a model."""
+    if not hasattr(inp, "_fla_offsets"):
+        inp._fla_offsets = (inp.cu_seqlens.long(), inp.cu_seqlens_cpu.long())
+    return inp._fla_offsets
+
+
+class FlashQLA(Impl):
+    name = "FlashQLA"
+
+    def load(self, device):
+        if device.type != "cuda":
+            return "needs a CUDA GPU"
+        try:
+            import flash_qla
+        except Exception as err:            # absent, or no kernels for this GPU (it checks at import)
+            return f"flash_qla not importable ({type(err).__name__}: {_first_line(err)})"
+        # Held directly, so the spy on flash_qla.chunk_gated_delta_rule (FLA's dispatch check) never counts us.
+        self.fn = flash_qla.chunk_gated_delta_rule
+        return None
+
+    def applies(self, cfg):
+        if (cfg.k_dim, cfg.v_dim) != (128, 128):
+            return "FlashQLA needs K = V = 128"
+        if cfg.dtype == "fp32":
+            return "FlashQLA takes bf16/fp16 only"
+        return None
+
+    def __call__(self, inp):
+        return self.fn(inp.q, inp.k, inp.v, inp.g, inp.beta, initial_state=inp.h0, output_final_state=True,
+                       cu_seqlens=inp.cu_seqlens)
+
+    description = "flash_qla.chunk_gated_delta_rule (auto_cp=True)"
+
+
+class Naive(Impl):
+    """flashdelta's float64 token-by-token loop: exact, slow, so only for configurations up to max_tokens."""
+
+    name = "naive-fp64"
+    timed = False
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+
+    def load(self, device):
+        if self.max_tokens <= 0:
+            return "disabled (--reference-max-tokens 0)"
+        from flashdelta.gated_delta_rule.naive import naive_gated_delta_rule
+        self.fn = naive_gated_delta_rule
+        return None
+
+    def applies(self, cfg):
+        if cfg.tokens > self.max_tokens:
+            return f"{cfg.tokens} tokens > --reference-max-tokens {self.max_tokens}"
+        return None
+
+    def __call__(self, inp):
+        return self.fn(inp.q, inp.k, inp.v, inp.g, inp.beta, initial_state=inp.h0, output_final_state=True,
+                       cu_seqlens=inp.cu_seqlens)
+
+    description = "token loop, float64"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:160] if text else ""

@@ -1,0 +1,198 @@
+"""Results out: the Markdown table, the JSON record and the speed-up plot.
+
+A result is a plain dict per configuration (see ``runner.measure_config``), so the same functions
+render a finished run and a run cut short.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .check import limit
+
+OURS = "flashdelta"
+PEERS = ("FLA", "FlashQLA")
+
+
+def best_ms(impl: dict | None, kind: str) -> float | None:
+    """Median ms of one timing kind ("graph" or "eager") of an implementation, if it was measured."""
+    if not impl or impl.get("status") != "ok" or not impl.get(kind):
+        return None
+    return impl[kind]["median_ms"]
+
+
+def derived(result: dict) -> dict:
+    """Speed-ups of flashdelta over each peer and its fraction of the roofline floor, per timing kind."""
+    ours = result["impls"].get(OURS)
+    out = {"speedup": {}, "fraction_of_floor": {}}
+    for peer in PEERS:
+        ratios = {}
+        for kind in ("graph", "eager"):
+            a, b = best_ms(ours, kind), best_ms(result["impls"].get(peer), kind)
+            if a and b:
+                ratios[kind] = b / a
+        if ratios:
+            out["speedup"][peer] = ratios
+    if result.get("floor"):
+        for kind in ("graph", "eager"):
+            t = best_ms(ours, kind)
+            if t:
+                out["fraction_of_floor"][kind] = result["floor"]["ms"] / t
+    return out
+
+
+def _ms(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.3f}" if x < 10 else f"{x:.1f}"
+
+
+def _cell(impl: dict | None, kinds=("graph", "eager")) -> str:
+    if impl is None or impl["status"] == "skipped":
+        return "skip"
+    if impl["status"] == "failed":
+        return "FAILED"
+    return " / ".join(_ms(best_ms(impl, k)) for k in kinds)
+
+
+def _ratio(r: dict | None) -> str:
+    if not r:
+        return "—"
+    return " / ".join(f"{r[k]:.2f}x" if k in r else "—" for k in ("graph", "eager"))
+
+
+def _check(result: dict) -> str:
+    parts = []
+    for peer, c in result["checks"].items():
+        if c["flagged"]:
+            bad = " ".join(f"{n} {c['errors'][n]:.1e}>{limit(n)}" for n in c["flagged"])
+            parts.append(f"{peer} MISMATCH {bad}")
+        elif c["errors"]:
+            parts.append(f"{peer} ok {max(c['errors'].values()):.1e}")
+    return "; ".join(parts) if parts else "—"
+
+
+def _first_calls(result: dict, names) -> str:
+    vals = []
+    for name in names:
+        impl = result["impls"].get(name)
+        vals.append(f"{impl['first_call_s']:.2f}" if impl and impl.get("first_call_s") is not None else "—")
+    return " / ".join(vals)
+
+
+def markdown(record: dict) -> str:
+    """The table plus the notes a reader needs to interpret it."""
+    env, results = record["environment"], record["results"]
+    graph = record["settings"]["graph"]
+    kinds = "graph / eager" if graph else "eager"
+    head = [f"config ({record['settings']['mode_label']})", f"flashdelta ms ({kinds})", f"FLA ms ({kinds})",
+            f"FlashQLA ms ({kinds})", "FLA/ours", "FlashQLA/ours", "floor ms", "floor/ours",
+            "first call s (ours / FLA / FlashQLA)", "check (rel-RMS vs ours)"]
+    lines = [f"# flashdelta benchmark: {env['device_name']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cell_kinds = ("graph", "eager") if graph else ("eager",)
+    for r in results:
+        d = derived(r)
+        floor = r.get("floor")
+        frac = d["fraction_of_floor"]
+        frac_kind = "graph" if "graph" in frac else "eager"
+        row = [r["label"],
+               _cell(r["impls"].get(OURS), cell_kinds),
+               _cell(r["impls"].get("FLA"), cell_kinds),
+               _cell(r["impls"].get("FlashQLA"), cell_kinds),
+               _ratio(d["speedup"].get("FLA")),
+               _ratio(d["speedup"].get("FlashQLA")),
+               f"{_ms(floor['ms'])} ({floor['bound'][:3]})" if floor else "—",
+               f"{frac[frac_kind]:.2f} ({frac_kind})" if frac else "—",
+               _first_calls(r, (OURS, "FLA", "FlashQLA")),
+               _check(r)]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", *(f"- {note}" for note in notes(record))]
+    return "\n".join(lines) + "\n"
+
+
+def notes(record: dict) -> list[str]:
+    env, settings = record["environment"], record["settings"]
+    out = [f"{env['date']}, `{env['command']}`",
+           f"device: {env['device_name']}" + (f", driver {env['driver']}" if env.get("driver") else ""),
+           "versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)]
+    rates = record.get("rates")
+    if rates:
+        out.append(f"rates ({rates['source']}): copy {rates['bandwidth'] / 1e12:.2f} TB/s (read + written), "
+                   f"bf16 GEMM {rates['gemm'] / 1e12:.0f} TFLOP/s; floor = max(bytes/bw, flops/rate); "
+                   f"{rates['bytes_note']}; {rates['flops_note']}")
+    else:
+        out.append("roofline floor: not computed (no CUDA device; pass --bandwidth and --gemm-rate to get one)")
+    out.append(settings["timing_note"])
+    out.append("ratios: peer time / flashdelta time (graph / eager; > 1 means flashdelta is faster); "
+               "floor/ours uses flashdelta's graph time where measured")
+    out.append(f"check: rel-RMS ||ours - peer|| / ||peer|| on the first input set, flagged above "
+               f"{limit('o')} (o, final state ht) or {limit('dq')} (gradients)")
+    for name, reason in record["skipped"].items():
+        out.append(f"{name} skipped: {reason}")
+    paths = {}
+    for r in record["results"]:
+        for name, impl in r["impls"].items():
+            if impl.get("path"):
+                paths.setdefault((name, impl["path"]), []).append(r["label"])
+    total = len(record["results"])
+    for (name, path), labels in sorted(paths.items()):
+        where = "all configs" if len(labels) == total else ", ".join(labels)
+        out.append(f"{name} ran {path}: {where}")
+    for r in record["results"]:
+        for name, impl in r["impls"].items():
+            if impl["status"] != "ok" and impl.get("reason"):
+                out.append(f"{r['label']}: {name} {impl['status']}: {impl['reason']}")
+            if impl.get("graph_error"):
+                out.append(f"{r['label']}: {name} CUDA-graph capture failed: {impl['graph_error']}")
+    return out
+
+
+def write_json(record: dict, path: Path) -> None:
+    full = dict(record, results=[dict(r, **derived(r)) for r in record["results"]])
+    path.write_text(json.dumps(full, indent=1, default=str) + "\n")
+
+
+def plot(record: dict, path: Path) -> str | None:
+    """Write the PNG; returns why not when there is nothing to plot or matplotlib is missing."""
+    results = record["results"]
+    speed = {peer: [derived(r)["speedup"].get(peer, {}) for r in results] for peer in PEERS}
+    fractions = [derived(r)["fraction_of_floor"] for r in results]
+    has_speed = any(s for values in speed.values() for s in values)
+    has_frac = any(fractions)
+    if not (has_speed or has_frac):
+        return "plot skipped: no peer timings and no roofline floor"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "plot skipped: matplotlib is not installed (pip install matplotlib)"
+
+    labels = [r["label"] for r in results]
+    panels = [p for p, present in (("speed", has_speed), ("floor", has_frac)) if present]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8, 0.45 * len(labels) + 3), 4.5 * len(panels)),
+                             squeeze=False)
+    x = range(len(labels))
+    for ax, panel in zip(axes[:, 0], panels):
+        if panel == "speed":
+            series = [(f"vs {peer} ({kind})", [s.get(kind, 0) for s in speed[peer]])
+                      for peer in PEERS for kind in ("graph", "eager") if any(kind in s for s in speed[peer])]
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.set_ylabel("speed-up of flashdelta (x)")
+        else:
+            series = [(f"floor / flashdelta ({kind})", [f.get(kind, 0) for f in fractions])
+                      for kind in ("graph", "eager") if any(kind in f for f in fractions)]
+            ax.set_ylabel("fraction of roofline floor")
+        width = 0.8 / len(series)
+        for j, (name, ys) in enumerate(series):
+            ax.bar([i + (j - (len(series) - 1) / 2) * width for i in x], ys, width, label=name)
+        ax.set_xticks(list(x))
+        ax.set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].set_title(f"flashdelta, {record['environment']['device_name']}, {record['settings']['mode_label']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None

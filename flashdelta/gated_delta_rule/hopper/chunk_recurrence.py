@@ -1,0 +1,113 @@
+"""Sequential forward kernel: walks the chunks of one sequence, state in registers.
+
+One CTA per (sequence, value head, V tile of width BV). The state S (K x BV) stays in fp32 registers of
+the consumer warpgroups, with a q/k-dtype copy in shared memory as the GEMM operand. Per chunk, with
+Ag, P and the row factors c0..c3 from ``chunk_matrices`` (DESIGN section 2):
+
+    W  = V - c0 * (K S)          V' = Ag W
+    O  = c1 * (Q S) + P V'
+    S  = c3 * S + K^T (c2 * V')
+
+Chunks are loaded whole (TMA; rows past the sequence's end belong to the next sequence or lie past T
+and come back as zeros). Rows past the end are neutralised by zeroing their row factors: their V'
+rows never reach a valid output (Ag and P are lower triangular) or the state (c2 = 0), and their
+outputs are not stored. Lengths are dynamic: sequences come from a table of (first token, length).
+"""
+import tilelang.language as T
+
+CHUNK = 64
+ACC = "float32"
+
+
+def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256):
+    """The prim_func for head dims K, V, V tile BV and q/k/v dtype; lengths and head counts are dynamic."""
+    C = CHUNK
+    num_tokens = T.dynamic("num_tokens")
+    qk_heads = T.dynamic("qk_heads")
+    v_heads = T.dynamic("v_heads")
+    num_seqs = T.dynamic("num_seqs")
+    h0_seqs = T.dynamic("h0_seqs")          # num_seqs, or 1 for the unused placeholder
+    ht_seqs = T.dynamic("ht_seqs")
+
+    @T.prim_func
+    def chunk_recurrence(
+        q: T.Tensor((num_tokens, qk_heads, K), dtype),
+        k: T.Tensor((num_tokens, qk_heads, K), dtype),
+        v: T.Tensor((num_tokens, v_heads, V), dtype),
+        ag: T.Tensor((num_tokens, v_heads, C), dtype),
+        p: T.Tensor((num_tokens, v_heads, C), dtype),
+        coef: T.Tensor((num_tokens, v_heads, 4), ACC),
+        seqs: T.Tensor((num_seqs, 2), "int32"),            # (first token, length) per sequence
+        h0: T.Tensor((h0_seqs, v_heads, K * V), ACC),
+        o: T.Tensor((num_tokens, v_heads, V), dtype),
+        ht: T.Tensor((ht_seqs, v_heads, K * V), ACC),
+        has_h0: T.int32,
+        store_ht: T.int32,
+        v_first: T.int32,
+    ):
+        with T.Kernel(V // BV, v_heads, num_seqs, threads=threads) as (bv, h, n):
+            start = seqs[n, 0]
+            length = seqs[n, 1]
+            hk = h // (v_heads // qk_heads)
+            v0 = bv * BV
+
+            q_s = T.alloc_shared((C, K), dtype)
+            k_s = T.alloc_shared((C, K), dtype)
+            v_s = T.alloc_shared((C, BV), dtype)
+            ag_s = T.alloc_shared((C, C), dtype)
+            p_s = T.alloc_shared((C, C), dtype)
+            cf_s = T.alloc_shared((C, 4), ACC)
+            s_s = T.alloc_shared((K, BV), dtype)
+            w_s = T.alloc_shared((C, BV), dtype)
+            vn_s = T.alloc_shared((C, BV), dtype)
+            vc_s = T.alloc_shared((C, BV), dtype)
+
+            S = T.alloc_fragment((K, BV), ACC)
+            ks = T.alloc_fragment((C, BV), ACC)
+            vn = T.alloc_fragment((C, BV), ACC)
+            out = T.alloc_fragment((C, BV), ACC)
+
+            if has_h0 != 0:
+                for i, j in T.Parallel(K, BV):
+                    S[i, j] = T.if_then_else(v_first != 0, h0[n, h, (v0 + j) * K + i], h0[n, h, i * V + v0 + j])
+            else:
+                T.clear(S)
+            T.copy(S, s_s)
+
+            for c in T.Pipelined(T.ceildiv(length, C), num_stages=2):
+                t0 = start + c * C
+                rows = length - c * C                      # valid rows of this chunk (> 64 = all)
+                T.copy(q[t0:t0 + C, hk, 0:K], q_s)
+                T.copy(k[t0:t0 + C, hk, 0:K], k_s)
+                T.copy(v[t0:t0 + C, h, v0:v0 + BV], v_s)
+                T.copy(ag[t0:t0 + C, h, 0:C], ag_s)
+                T.copy(p[t0:t0 + C, h, 0:C], p_s)
+                T.copy(coef[t0:t0 + C, h, 0:4], cf_s)
+
+                T.gemm(k_s, s_s, ks, clear_accum=True)
+                T.gemm(q_s, s_s, out, clear_accum=True)
+                for i, j in T.Parallel(C, BV):
+                    w_s[i, j] = v_s[i, j] - T.if_then_else(i < rows, cf_s[i, 0], 0.0) * ks[i, j]
+                T.gemm(ag_s, w_s, vn, clear_accum=True)
+                for i, j in T.Parallel(C, BV):
+                    vn_s[i, j] = vn[i, j]
+                    vc_s[i, j] = vn[i, j] * T.if_then_else(i < rows, cf_s[i, 2], 0.0)
+                for i, j in T.Parallel(C, BV):
+                    out[i, j] = out[i, j] * T.if_then_else(i < rows, cf_s[i, 1], 0.0)
+                T.gemm(p_s, vn_s, out)
+                for i, j in T.Parallel(C, BV):
+                    if i < rows:
+                        o[t0 + i, h, v0 + j] = out[i, j]
+                for i, j in T.Parallel(K, BV):
+                    S[i, j] = S[i, j] * cf_s[0, 3]
+                T.gemm(k_s, vc_s, S, transpose_A=True)
+                T.copy(S, s_s)
+
+            if store_ht != 0:
+                for i, j in T.Parallel(K, BV):
+                    if v_first != 0:
+                        ht[n, h, (v0 + j) * K + i] = S[i, j]
+                    else:
+                        ht[n, h, i * V + v0 + j] = S[i, j]
+
+    return chunk_recurrence

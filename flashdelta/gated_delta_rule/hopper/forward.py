@@ -1,0 +1,123 @@
+"""Hopper forward: glue between the public API and the two TileLang kernels.
+
+``chunk_matrices`` (parallel over chunks x value heads) writes the state-independent per-chunk
+operators; ``chunk_recurrence`` (one CTA per sequence x value head x V tile) walks the chunks.
+Batched inputs are treated as B sequences packed back to back, so both cases share one pair of
+kernels. Lengths and head counts are dynamic: kernels compile once per (dtype, V tile); the tables of
+sequences and chunks are built on the host from ``seq_lens`` (no device sync) and cached.
+"""
+import functools
+
+import torch
+
+from .chunk_matrices import CHUNK, chunk_matrices_kernel
+from .chunk_recurrence import chunk_recurrence_kernel
+
+TARGET = {"kind": "cuda", "arch": "sm_90a"}
+HEAD_DIM = 128
+V_TILES = (128, 64)                       # recurrence variants: V columns per CTA
+DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+compilations = 0                          # kernels built in this process (tests check new lengths add none)
+
+
+def supports(K: int, V: int) -> bool:
+    return K == HEAD_DIM and V == HEAD_DIM
+
+
+def variants():
+    """Every kernel this module can launch: (name, builder) pairs, for ahead-of-time compilation."""
+    out = []
+    for dtype in DTYPES.values():
+        out.append((f"chunk_matrices[{dtype}]", functools.partial(matrices_kernel, dtype)))
+        for bv in V_TILES:
+            out.append((f"chunk_recurrence[{dtype},BV={bv}]", functools.partial(recurrence_kernel, dtype, bv)))
+    return out
+
+
+def _compile(func):
+    import tilelang
+    global compilations
+    compilations += 1
+    return tilelang.compile(func, target=TARGET)
+
+
+@functools.lru_cache(maxsize=None)
+def matrices_kernel(dtype: str):
+    return _compile(chunk_matrices_kernel(HEAD_DIM, dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def recurrence_kernel(dtype: str, bv: int):
+    return _compile(chunk_recurrence_kernel(HEAD_DIM, HEAD_DIM, bv, dtype, threads=256 if bv == 128 else 128))
+
+
+def _to_device(rows, device):
+    t = torch.tensor(rows, dtype=torch.int32).reshape(-1, 2)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _tables(seq_lens: tuple[int, ...], stride: int | None, device: torch.device):
+    """Device tables: (first token, length) per sequence and (first token, valid rows) per chunk.
+
+    ``stride``: batched layout (sequence n starts at n * stride); None = packed back to back.
+    """
+    starts, pos = [], 0
+    for n, L in enumerate(seq_lens):
+        starts.append(n * stride if stride is not None else pos)
+        pos += L
+    seqs = [x for s, L in zip(starts, seq_lens) for x in (s, L)]
+    chunks = [x for s, L in zip(starts, seq_lens) for c in range(0, L, CHUNK) for x in (s + c, min(CHUNK, L - c))]
+    return _to_device(seqs, device), _to_device(chunks, device), len(chunks) // 2
+
+
+def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,
+                   use_qk_l2norm_in_kernel: bool, cu_seqlens, seq_lens, state_v_first: bool, v_tile: int = 128):
+    B, Tn, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    assert supports(K, V) and v_tile in V_TILES
+    if seq_lens is None:
+        seq_lens = (Tn,) * B
+    seq_lens = tuple(seq_lens)
+    N, tokens, dev = len(seq_lens), B * Tn, q.device
+    dtype = DTYPES[q.dtype]
+
+    o = torch.empty(B, Tn, HV, V, dtype=q.dtype, device=dev)
+    h0 = None
+    if initial_state is not None:
+        h0 = initial_state.to(torch.float32).contiguous().view(N, HV, K * V)
+    ht = torch.empty(N, HV, K * V, dtype=torch.float32, device=dev) if output_final_state else None
+    if tokens == 0 or sum(seq_lens) == 0:
+        if ht is not None:
+            ht.copy_(h0) if h0 is not None else ht.zero_()
+        return o, _final(ht, N, HV, K, V, state_v_first)
+
+    seqs, chunks, num_chunks = _tables(seq_lens, Tn if cu_seqlens is None else None, dev)
+    qf = q.contiguous().view(tokens, H, K)
+    kf = k.contiguous().view(tokens, H, K)
+    vf = v.contiguous().view(tokens, HV, V)
+    gf = g.to(torch.float32).contiguous().view(tokens, HV)
+    bf = beta.to(torch.float32).contiguous().view(tokens, HV)
+
+    ag = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=dev)
+    p = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=dev)
+    coef = torch.empty(tokens, HV, 4, dtype=torch.float32, device=dev)
+    matrices_kernel(dtype)(qf, kf, gf, bf, chunks, ag, p, coef, float(scale), int(bool(use_qk_l2norm_in_kernel)))
+
+    placeholder = None
+    if h0 is None or ht is None:
+        placeholder = torch.empty(1, HV, K * V, dtype=torch.float32, device=dev)
+    recurrence_kernel(dtype, v_tile)(
+        qf, kf, vf, ag, p, coef, seqs,
+        h0 if h0 is not None else placeholder, o.view(tokens, HV, V), ht if ht is not None else placeholder,
+        int(h0 is not None), int(ht is not None), int(bool(state_v_first)))
+    return o, _final(ht, N, HV, K, V, state_v_first)
+
+
+def _final(ht, N, HV, K, V, state_v_first):
+    if ht is None:
+        return None
+    return ht.view(N, HV, V, K) if state_v_first else ht.view(N, HV, K, V)

@@ -1,0 +1,229 @@
+"""One GPU call: check the Hopper kernels against float64 references, then time them against FLA and FlashQLA.
+
+    TILELANG_CACHE_DIR=.gpu/tlcache python scripts/gpu_check.py [--skip-bench] [--skip-check]
+
+Writes full logs under $OUT (or ./bench-out) and prints a short table last.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+os.environ.setdefault("FLA_FLASH_QLA", "0")     # FLA's Triton kernels, not its FlashQLA dispatch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from flashdelta.gated_delta_rule.hopper import forward as hopper  # noqa: E402
+from flashdelta.gated_delta_rule.naive import naive_gated_delta_rule  # noqa: E402
+
+OUT = os.environ.get("OUT", "bench-out")
+os.makedirs(OUT, exist_ok=True)
+LOG = open(os.path.join(OUT, "gpu_check.log"), "w")
+
+
+def log(*args):
+    msg = " ".join(str(a) for a in args)
+    print(msg, flush=True)
+    LOG.write(msg + "\n")
+    LOG.flush()
+
+
+def rel(a, e):
+    a, e = a.double(), e.double()
+    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
+
+
+def inputs(lens, H, HV, *, varlen, dtype=torch.bfloat16, h0=True, l2=False, strong=False, zero_heads=1,
+           seed=0, dev="cuda"):
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=dev)
+    q, k = rnd(B, T, H, 128), rnd(B, T, H, 128)
+    if not l2:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    v = rnd(B, T, HV, 128)
+    g = (-20 * torch.rand(B, T, HV, generator=gen, device=dev)) if strong else F.logsigmoid(rnd(B, T, HV)) / 8
+    g[..., :zero_heads] = 0
+    beta = torch.rand(B, T, HV, generator=gen, device=dev)
+    s0 = rnd(len(lens), HV, 128, 128) if h0 else None
+    cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=dev) \
+        if varlen else None
+    return q.to(dtype), k.to(dtype), v.to(dtype), g, beta, s0, cu
+
+
+def check_case(name, lens, H, HV, *, varlen, dtype=torch.bfloat16, h0=True, l2=False, strong=False,
+               v_first=False, v_tile=128, reference="naive"):
+    q, k, v, g, beta, s0, cu = inputs(lens, H, HV, varlen=varlen, dtype=dtype, h0=h0, l2=l2, strong=strong)
+    if s0 is not None and v_first:
+        s0 = s0.transpose(-1, -2).contiguous()
+    scale = 128 ** -0.5
+    torch.cuda.synchronize()
+    o, ht = hopper.hopper_forward(q, k, v, g, beta, scale, s0, True, l2, cu, tuple(lens) if varlen else None,
+                                  v_first, v_tile=v_tile)
+    torch.cuda.synchronize()
+    args = [x.double() if x is not None else None for x in (q, k, v, g, beta, s0)]
+    if reference == "naive":
+        eo, eht = naive_gated_delta_rule(*args, scale=scale, output_final_state=True, use_qk_l2norm_in_kernel=l2,
+                                         cu_seqlens=cu, state_v_first=v_first)
+    else:   # the exact chunked torch path in float64 (fast enough for long sequences)
+        from flashdelta.gated_delta_rule.api import chunk_gated_delta_rule
+        eo, eht = chunk_gated_delta_rule(*args[:5], scale=scale, initial_state=args[5], output_final_state=True,
+                                         use_qk_l2norm_in_kernel=l2, cu_seqlens=cu, state_v_first=v_first,
+                                         backend="torch", context_parallel=False)
+    finite = bool(torch.isfinite(o).all() and torch.isfinite(ht).all())
+    ro, rh = rel(o, eo), rel(ht, eht)
+    ok = finite and ro <= 5e-3 and rh <= 5e-3
+    log(f"check {name:40s} o {ro:.2e}  ht {rh:.2e}  finite={finite}  {'ok' if ok else 'FAIL'}")
+    return ok
+
+
+def checks():
+    cases = [
+        ("batched B2 T200 h2/4 h0", dict(lens=[200, 200], H=2, HV=4, varlen=False)),
+        ("batched B3 T64 h4/4 no-h0", dict(lens=[64] * 3, H=4, HV=4, varlen=False, h0=False)),
+        ("T=1 h2/2", dict(lens=[1], H=2, HV=2, varlen=False)),
+        ("varlen tails+empty h1/4 vfirst", dict(lens=[0, 100, 64, 136, 0, 217, 1], H=1, HV=4, varlen=True,
+                                                v_first=True)),
+        ("varlen l2norm h2/4", dict(lens=[300, 77, 129], H=2, HV=4, varlen=True, l2=True)),
+        ("strong decay h1/2", dict(lens=[333], H=1, HV=2, varlen=False, strong=True)),
+        ("fp16 varlen h2/8", dict(lens=[190, 64, 5], H=2, HV=8, varlen=True, dtype=torch.float16)),
+        ("BV=64 varlen h2/4 vfirst", dict(lens=[150, 260], H=2, HV=4, varlen=True, v_tile=64, v_first=True)),
+        ("long T=32768 h1/2 (torch ref)", dict(lens=[32768], H=1, HV=2, varlen=False, reference="torch")),
+    ]
+    ok = True
+    for name, kw in cases:
+        try:
+            ok &= check_case(name, **kw)
+        except Exception:
+            log(f"check {name} ERROR\n{traceback.format_exc()}")
+            ok = False
+    # dynamic shapes: new lengths / new cu_seqlens compile nothing
+    before = hopper.compilations
+    check_case("recompile probe", lens=[97, 3], H=2, HV=4, varlen=True)
+    check_case("recompile probe 2", lens=[250], H=2, HV=4, varlen=False)
+    log(f"compilations during new-length calls: {hopper.compilations - before}")
+    return ok
+
+
+def timed(fn, graph: bool, iters=30):
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        gr = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(gr):
+            fn()
+        run = gr.replay
+    else:
+        run = fn
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def bench(rows):
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_fwd
+    except Exception as err:
+        fla_fwd = None
+        log("FLA unavailable:", err)
+    try:
+        import flash_qla
+        fqla_fwd = flash_qla.chunk_gated_delta_rule
+    except Exception as err:
+        fqla_fwd = None
+        log("FlashQLA unavailable:", err)
+    from flashdelta.gated_delta_rule.api import chunk_gated_delta_rule as ours_api
+
+    configs = [("4x8192 hk16/hv32", [8192] * 4, 16, 32, False),
+               ("1x32768 hk2/hv8", [32768], 2, 8, False),
+               ("varlen 8x4096 hk4/hv16", [4096] * 8, 4, 16, True)]
+    for name, lens, H, HV, varlen in configs:
+        q, k, v, g, beta, s0, cu = inputs(lens, H, HV, varlen=varlen, zero_heads=0)
+        g[..., ::4] = 0
+        scale = 128 ** -0.5
+        seq = tuple(lens) if varlen else None
+        cu_cpu = cu.cpu() if cu is not None else None
+        cands = {
+            "ours(kernel)": lambda: hopper.hopper_forward(q, k, v, g, beta, scale, s0, True, False, cu, seq, False),
+            "ours(kernel,BV64)": lambda: hopper.hopper_forward(q, k, v, g, beta, scale, s0, True, False, cu, seq,
+                                                               False, v_tile=64),
+            "ours(api)": lambda: ours_api(q, k, v, g, beta, scale=scale, initial_state=s0, output_final_state=True,
+                                          cu_seqlens=cu, cu_seqlens_cpu=cu_cpu, backend="tilelang"),
+        }
+        if fla_fwd is not None:
+            cands["fla"] = lambda: fla_fwd(q, k, v, g, beta, scale=scale, initial_state=s0,
+                                           output_final_state=True, cu_seqlens=cu)
+        if fqla_fwd is not None:
+            cands["flashqla"] = lambda: fqla_fwd(q, k, v, g, beta, scale=scale, initial_state=s0,
+                                                 output_final_state=True, cu_seqlens=cu)
+        ref = None
+        for cname, fn in cands.items():
+            try:
+                t0 = time.perf_counter()
+                o, ht = fn()
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t0
+                if ref is None:
+                    ref = (o.float(), ht.float())
+                    agree = "ref"
+                else:
+                    agree = f"{rel(o, ref[0]):.1e}/{rel(ht, ref[1]):.1e}"
+                eager = timed(fn, False)
+                try:
+                    graph = timed(fn, True)
+                except Exception as err:
+                    graph = float("nan")
+                    log(f"  {cname}: graph capture failed: {type(err).__name__}: {err}")
+                rows.append((name, cname, eager, graph, first, agree))
+                log(f"bench {name:24s} {cname:18s} eager {eager:.3f} ms  graph {graph:.3f} ms  first {first:.2f} s"
+                    f"  vs-ours {agree}")
+            except Exception:
+                log(f"bench {name} {cname} ERROR\n{traceback.format_exc()}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true")
+    args = ap.parse_args()
+    log("device:", torch.cuda.get_device_name(), "torch", torch.__version__)
+    t = time.perf_counter()
+    for name, build in hopper.variants():
+        build()
+    log(f"kernels loaded in {time.perf_counter() - t:.2f} s ({hopper.compilations} builds)")
+    ok = True
+    if not args.skip_check:
+        ok = checks()
+    rows = []
+    if not args.skip_bench:
+        bench(rows)
+    log("\n=== summary ===")
+    log(f"correctness: {'all ok' if ok else 'FAILURES (see above)'}")
+    log(f"{'config':24s} {'impl':18s} {'eager ms':>9s} {'graph ms':>9s}")
+    for name, cname, eager, graph, first, agree in rows:
+        log(f"{name:24s} {cname:18s} {eager:9.3f} {graph:9.3f}  {agree}")
+    with open(os.path.join(OUT, "gpu_check.json"), "w") as f:
+        json.dump({"ok": ok, "rows": rows}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""TileLang kernels for Hopper (SM90a): the chunked forward."""

@@ -51,7 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     who.add_argument("--backend", choices=("auto", "tilelang", "torch"), default="auto",
                      help="flashdelta backend (default auto)")
     who.add_argument("--reference-max-tokens", type=int, default=4096,
-                     help="also check against the float64 token loop up to this many tokens (0: never)")
+                     help="also check against the float64 token loop up to this many tokens, a quarter of "
+                          "that with the backward (0: never)")
 
     how = p.add_argument_group("measurement")
     how.add_argument("--device", help="cuda or cpu (default: cuda when available)")

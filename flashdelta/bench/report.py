@@ -103,7 +103,7 @@ def markdown(record: dict) -> str:
                _ratio(d["speedup"].get("FLA")),
                _ratio(d["speedup"].get("FlashQLA")),
                f"{_ms(floor['ms'])} ({floor['bound'][:3]})" if floor else "—",
-               f"{frac[frac_kind]:.2f} ({frac_kind})" if frac else "—",
+               f"{frac[frac_kind]:.3g} ({frac_kind})" if frac else "—",
                _first_calls(r, (OURS, "FLA", "FlashQLA")),
                _check(r)]
         lines.append("| " + " | ".join(row) + " |")
@@ -139,12 +139,17 @@ def notes(record: dict) -> list[str]:
     for (name, path), labels in sorted(paths.items()):
         where = "all configs" if len(labels) == total else ", ".join(labels)
         out.append(f"{name} ran {path}: {where}")
+    skips = {}
     for r in record["results"]:
         for name, impl in r["impls"].items():
-            if impl["status"] != "ok" and impl.get("reason"):
-                out.append(f"{r['label']}: {name} {impl['status']}: {impl['reason']}")
+            if impl["status"] == "skipped":
+                skips.setdefault(name, []).append(impl["reason"])
+            elif impl["status"] == "failed":
+                out.append(f"{r['label']}: {name} FAILED: {impl['reason']}")
             if impl.get("graph_error"):
                 out.append(f"{r['label']}: {name} CUDA-graph capture failed: {impl['graph_error']}")
+    for name, reasons in skips.items():
+        out.append(f"{name} not run on {len(reasons)} of {total} configs (e.g. {reasons[0]})")
     return out
 
 

@@ -219,3 +219,77 @@ def test_fwdbwd_end_to_end_on_cpu(tmp_path):
     errors = r["checks"]["naive-fp64"]["errors"]
     assert set(errors) == {"o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0"} and not r["checks"]["naive-fp64"]["flagged"]
     assert r["impls"]["flashdelta"]["eager"]["reps"] == 2
+
+
+# ---- failures and mismatches are reported, never hidden -------------------------------------------
+
+class _Scaled(peers.Impl):
+    """A fake peer: flashdelta's torch path, with o scaled (a wrong answer) or raising."""
+
+    def __init__(self, name, factor=1.0, fail=False):
+        self.name, self.factor, self.fail = name, factor, fail
+
+    def __call__(self, inp):
+        if self.fail:
+            raise RuntimeError("kernel exploded\nsecond line")
+        from flashdelta import chunk_gated_delta_rule
+        o, ht = chunk_gated_delta_rule(inp.q, inp.k, inp.v, inp.g, inp.beta, initial_state=inp.h0,
+                                       output_final_state=True, cu_seqlens=inp.cu_seqlens, backend="torch")
+        return o * self.factor, ht
+
+
+def test_runner_reports_peer_failure_and_mismatch():
+    from flashdelta.bench import timing
+    from flashdelta.bench.runner import measure_config
+    ours = peers.FlashDelta("torch")
+    ours.load(torch.device("cpu"))
+    impls = [ours, _Scaled("FLA", factor=1.02), _Scaled("FlashQLA", fail=True), _Scaled("same")]
+    cfg = Config((70, 58), True, 1, 2, 16, 16)
+    r = measure_config(cfg, impls, torch.device("cpu"), None, timing.Budget(0, 2, 2), use_graph=False)
+    assert r["impls"]["FlashQLA"] == {"status": "failed", "reason": "RuntimeError: kernel exploded"}
+    assert r["checks"]["FLA"]["flagged"] == ["o"] and r["checks"]["FLA"]["errors"]["o"] == pytest.approx(0.02 / 1.02, rel=0.05)
+    assert r["checks"]["same"]["flagged"] == [] and r["impls"]["FLA"]["eager"]["reps"] == 2
+    assert "FLA MISMATCH o" in report._check(r)
+
+
+# ---- the CUDA timers' control flow, with torch.cuda faked -----------------------------------------
+
+class _FakeEvent:
+    clock = [0.0]
+
+    def __init__(self, enable_timing=False):
+        self.t = None
+
+    def record(self):
+        self.t = self.clock[0]
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, other):
+        return other.t - self.t
+
+
+def test_cuda_timers_with_fake_device(monkeypatch):
+    from contextlib import nullcontext
+
+    from flashdelta.bench import timing
+    calls = []
+
+    def fn(i):                      # each call "takes" 2 ms of device time
+        calls.append(i)
+        _FakeEvent.clock[0] += 2.0
+
+    class FakeGraph:
+        def replay(self):
+            for i in range(3):
+                fn(i)
+
+    fake = types.SimpleNamespace(Event=_FakeEvent, synchronize=lambda *a: None, Stream=lambda: types.SimpleNamespace(
+        wait_stream=lambda s: None), current_stream=lambda: types.SimpleNamespace(wait_stream=lambda s: None),
+        stream=lambda s: nullcontext(), CUDAGraph=FakeGraph, graph=lambda g: nullcontext())
+    monkeypatch.setattr(timing.torch, "cuda", fake)
+    t = timing.eager(fn, 3, timing.Budget(0.1, 5, 100))
+    assert t.median_ms == 2.0 and t.reps == 50 and set(calls) == {0, 1, 2}
+    t = timing.graph(fn, 3, timing.Budget(0.0, 7, 7))
+    assert t.median_ms == pytest.approx(2.0) and t.reps == 7          # per call: replay time / sets

@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     if cuda:
+        device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         torch.cuda.set_device(device)
     else:
         messages.append("No CUDA device: timing flashdelta's PyTorch path on CPU (eager only, fewer runs); "
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     modes = sorted({c.mode for c in chosen})
     mode_label = "+".join("fwd+bwd" if m == "fwdbwd" else m for m in modes)
     record = {"environment": env,
-              "settings": {"mode_label": mode_label, "graph": cuda and not args.no_graph,
+              "settings": {"mode_label": mode_label, "cuda": cuda, "graph": cuda and not args.no_graph,
                            "timing_note": TIMING_NOTES["cuda" if cuda else "cpu"],
                            "backend": args.backend, "cold_cache": args.cold_cache,
                            "budget": dataclasses.asdict(budget),

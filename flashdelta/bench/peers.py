@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 
 import torch
@@ -103,8 +104,8 @@ class FlashDelta(Impl):
 def _flashdelta_path(calls, records) -> str:
     if not calls:
         return "tilelang"
-    reasons = [r for r in records if "torch path" in r]
-    return "torch" + (f" ({reasons[0].split('(', 1)[-1].rstrip(')')})" if reasons else "")
+    reasons = [m.group(1) for m in map(re.compile(r"torch path \((.*)\)\s*$").search, records) if m]
+    return "torch" + (f" ({reasons[0]})" if reasons else "")
 
 
 class _ListHandler(logging.Handler):

@@ -96,8 +96,12 @@ def markdown(record: dict) -> str:
         floor = r.get("floor")
         frac = d["fraction_of_floor"]
         frac_kind = "graph" if "graph" in frac else "eager"
+        ours = r["impls"].get(OURS) or {}
+        # On a GPU, a fallback to the PyTorch path must not pass for kernel timings.
+        on_gpu = record["settings"].get("cuda", graph)
+        fallback = " (torch path)" if on_gpu and ours.get("path", "").startswith("torch") else ""
         row = [r["label"],
-               _cell(r["impls"].get(OURS), cell_kinds),
+               _cell(r["impls"].get(OURS), cell_kinds) + fallback,
                _cell(r["impls"].get("FLA"), cell_kinds),
                _cell(r["impls"].get("FlashQLA"), cell_kinds),
                _ratio(d["speedup"].get("FLA")),
@@ -136,6 +140,15 @@ def notes(record: dict) -> list[str]:
             if impl.get("path"):
                 paths.setdefault((name, impl["path"]), []).append(r["label"])
     total = len(record["results"])
+    firsts = {}
+    for r in record["results"]:
+        for name, impl in r["impls"].items():
+            if impl.get("first_call_s") is not None:
+                firsts.setdefault(name, []).append((impl["first_call_s"], r["label"]))
+    for name, values in firsts.items():
+        worst = max(values)
+        out.append(f"{name} first call (compilation/autotuning included): {values[0][0]:.2f} s on the run's first "
+                   f"config ({values[0][1]}), at most {worst[0]:.2f} s ({worst[1]})")
     for (name, path), labels in sorted(paths.items()):
         where = "all configs" if len(labels) == total else ", ".join(labels)
         out.append(f"{name} ran {path}: {where}")

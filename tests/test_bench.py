@@ -287,9 +287,18 @@ def test_cuda_timers_with_fake_device(monkeypatch):
 
     fake = types.SimpleNamespace(Event=_FakeEvent, synchronize=lambda *a: None, Stream=lambda: types.SimpleNamespace(
         wait_stream=lambda s: None), current_stream=lambda: types.SimpleNamespace(wait_stream=lambda s: None),
-        stream=lambda s: nullcontext(), CUDAGraph=FakeGraph, graph=lambda g: nullcontext())
+        stream=lambda s: nullcontext(), CUDAGraph=FakeGraph, graph=lambda g: nullcontext(),
+        set_stream=lambda s: restored.append(s))
+    restored = []
     monkeypatch.setattr(timing.torch, "cuda", fake)
     t = timing.eager(fn, 3, timing.Budget(0.1, 5, 100))
     assert t.median_ms == 2.0 and t.reps == 50 and set(calls) == {0, 1, 2}
     t = timing.graph(fn, 3, timing.Budget(0.0, 7, 7))
     assert t.median_ms == pytest.approx(2.0) and t.reps == 7          # per call: replay time / sets
+
+    def capture_fails(g):           # e.g. a host sync inside the captured call
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(fake, "graph", capture_fails)
+    with pytest.raises(RuntimeError, match="capturing"):
+        timing.graph(fn, 3, timing.Budget(0.0, 7, 7))
+    assert len(restored) == 1                                        # the caller's stream is put back

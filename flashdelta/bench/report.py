@@ -143,7 +143,7 @@ def notes(record: dict) -> list[str]:
     firsts = {}
     for r in record["results"]:
         for name, impl in r["impls"].items():
-            if impl.get("first_call_s") is not None:
+            if name in (OURS, *PEERS) and impl.get("first_call_s") is not None:
                 firsts.setdefault(name, []).append((impl["first_call_s"], r["label"]))
     for name, values in firsts.items():
         worst = max(values)

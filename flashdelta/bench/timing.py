@@ -97,8 +97,14 @@ def graph(fn, n_sets: int, budget: Budget, warmup: int = 2) -> Timing:
     torch.cuda.synchronize()
 
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        outputs = [fn(i) for i in range(n_sets)]   # held so the graph's output memory stays valid
+    caller = torch.cuda.current_stream()
+    try:
+        with torch.cuda.graph(g):
+            outputs = [fn(i) for i in range(n_sets)]   # held so the graph's output memory stays valid
+    except Exception:
+        # A failed capture_end skips torch.cuda.graph's restoring of the caller's stream: restore it here.
+        torch.cuda.set_stream(caller)
+        raise
     g.replay()
     torch.cuda.synchronize()
     samples = []

@@ -302,3 +302,15 @@ def test_cuda_timers_with_fake_device(monkeypatch):
     with pytest.raises(RuntimeError, match="capturing"):
         timing.graph(fn, 3, timing.Budget(0.0, 7, 7))
     assert len(restored) == 1                                        # the caller's stream is put back
+
+
+def test_merge_split_runs(tmp_path):
+    a, b = _record(), _record()
+    b["results"] = b["results"][:1]
+    for name, rec in (("a", a), ("b", b)):
+        report.write_json(rec, tmp_path / f"{name}.json")
+    argv = ["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path), "--name", "all"]
+    assert cli.main(argv) == 0
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert len(merged["results"]) == 3 and merged["settings"]["mode_label"] == "fwd"
+    assert (tmp_path / "all.md").read_text().count("| 1x32768 h2/8 |") == 2

@@ -6,11 +6,13 @@ Examples::
     flashdelta-bench --preset qwen35-fwd --heads 2/8,16/32
     flashdelta-bench --preset qwen35-bwd --cold-cache
     flashdelta-bench --lengths 28672,4096 --batch 4 --seqlen 8192 --heads 16/32 --mode fwdbwd
+    flashdelta-bench --merge bench-out/H100-fwd-a.json bench-out/H100-fwd-b.json --name H100-fwd
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
@@ -67,6 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     out = p.add_argument_group("output")
     out.add_argument("--out", default="bench-out", help="results directory (default bench-out/)")
     out.add_argument("--name", help="file stem (default <GPU>-<mode>, e.g. H100-fwd)")
+    out.add_argument("--merge", nargs="+", metavar="JSON",
+                     help="measure nothing: join earlier runs' JSON files (a matrix split over several runs) "
+                          "into one table, JSON and plot under --out/--name")
     return p.parse_args(argv)
 
 
@@ -133,9 +138,33 @@ class _Progress:
             self.bar.close()
 
 
+def merge(files: list[str], out_dir: Path, stem: str) -> int:
+    from . import report
+    records = [json.loads(Path(f).read_text()) for f in files]
+    devices = {r["environment"]["device_name"] for r in records}
+    if len(devices) > 1:
+        print(f"flashdelta-bench: error: results from different devices {sorted(devices)}", file=sys.stderr)
+        return 2
+    first = records[0]
+    merged = dict(first, results=[res for r in records for res in r["results"]],
+                  skipped={k: v for r in records for k, v in r["skipped"].items()},
+                  environment=dict(first["environment"],
+                                   command=" ; ".join(r["environment"]["command"] for r in records)))
+    merged["settings"] = dict(first["settings"], mode_label="+".join(
+        dict.fromkeys(r["settings"]["mode_label"] for r in records)), merged_from=files)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.write_json(merged, out_dir / f"{stem}.json")
+    (out_dir / f"{stem}.md").write_text(report.markdown(merged))
+    print(report.markdown(merged))
+    print(report.plot(merged, out_dir / f"{stem}.png") or f"plot: {out_dir / f'{stem}.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out), args.name or "merged")
     try:
         chosen = build_configs(args)
     except ValueError as err:

@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -21,7 +22,6 @@ def version(dist: str, module: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         pass
-    import sys
     mod = sys.modules.get(module)            # only modules already loaded: importing fla here has side effects
     return getattr(mod, "__version__", None) if mod else None
 

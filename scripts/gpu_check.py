@@ -69,7 +69,7 @@ def check_case(name, lens, H, HV, *, varlen, dtype=torch.bfloat16, h0=True, l2=F
     torch.cuda.synchronize()
     args = [x.double() if x is not None else None for x in (q, k, v, g, beta, s0)]
     if reference == "naive":
-        eo, eht = naive_gated_delta_rule(*args, scale=scale, output_final_state=True, use_qk_l2norm_in_kernel=l2,
+        eo, eht = naive_gated_delta_rule(*args[:5], scale=scale, initial_state=args[5], output_final_state=True, use_qk_l2norm_in_kernel=l2,
                                          cu_seqlens=cu, state_v_first=v_first)
     else:   # the exact chunked torch path in float64 (fast enough for long sequences)
         from flashdelta.gated_delta_rule.api import chunk_gated_delta_rule
@@ -80,6 +80,17 @@ def check_case(name, lens, H, HV, *, varlen, dtype=torch.bfloat16, h0=True, l2=F
     ro, rh = rel(o, eo), rel(ht, eht)
     ok = finite and ro <= 5e-3 and rh <= 5e-3
     log(f"check {name:40s} o {ro:.2e}  ht {rh:.2e}  finite={finite}  {'ok' if ok else 'FAIL'}")
+    if not ok:      # where the error sits: per value head, and by row within the chunk
+        heads = [f"{rel(o[..., h, :], eo[..., h, :]):.1e}" for h in range(o.shape[2])]
+        err = (o.double() - eo).pow(2).sum(-1).sum(-1).flatten()
+        ref = eo.pow(2).sum(-1).sum(-1).flatten()
+        nt = err.shape[0] // 64 * 64
+        by_row = (err[:nt].view(-1, 64).sum(0) / ref[:nt].view(-1, 64).sum(0)).sqrt()
+        by_chunk = (err[:nt].view(-1, 64).sum(1) / ref[:nt].view(-1, 64).sum(1)).sqrt()
+        log(f"    per head {heads}")
+        log(f"    by row in chunk {[round(x, 4) for x in by_row.tolist()[::8]]}")
+        log(f"    by chunk (first 8, last 4) {[round(x, 4) for x in by_chunk.tolist()[:8]]} "
+            f"{[round(x, 4) for x in by_chunk.tolist()[-4:]]}")
     return ok
 
 

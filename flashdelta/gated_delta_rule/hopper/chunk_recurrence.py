@@ -72,7 +72,6 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                     S[i, j] = T.if_then_else(v_first != 0, h0[n, h, (v0 + j) * K + i], h0[n, h, i * V + v0 + j])
             else:
                 T.clear(S)
-            T.copy(S, s_s)
 
             for c in T.Pipelined(T.ceildiv(length, C), num_stages=2):
                 t0 = start + c * C
@@ -84,6 +83,10 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 T.copy(p[t0:t0 + C, h, 0:C], p_s)
                 T.copy(coef[t0:t0 + C, h, 0:4], cf_s)
 
+                # (the bf16 copy is made here rather than before the loop and after the update: TileLang
+                # 0.1.15's warp specialisation leaves a copy placed before the loop unguarded and
+                # unremapped, so producer threads would write into it)
+                T.copy(S, s_s)
                 T.gemm(k_s, s_s, ks, clear_accum=True)
                 T.gemm(q_s, s_s, out, clear_accum=True)
                 for i, j in T.Parallel(C, BV):
@@ -101,7 +104,6 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 for i, j in T.Parallel(K, BV):
                     S[i, j] = S[i, j] * cf_s[0, 3]
                 T.gemm(k_s, vc_s, S, transpose_A=True)
-                T.copy(S, s_s)
 
             if store_ht != 0:
                 for i, j in T.Parallel(K, BV):

@@ -150,15 +150,18 @@ def timed(fn, graph: bool, iters=30):
     return statistics.median(times)
 
 
-def bench(rows):
+def bench(rows, peers=True):
+    fla_fwd = fqla_fwd = None
     try:
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_fwd
+        if peers:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_fwd
     except Exception as err:
         fla_fwd = None
         log("FLA unavailable:", err)
     try:
-        import flash_qla
-        fqla_fwd = flash_qla.chunk_gated_delta_rule
+        if peers:
+            import flash_qla
+            fqla_fwd = flash_qla.chunk_gated_delta_rule
     except Exception as err:
         fqla_fwd = None
         log("FlashQLA unavailable:", err)
@@ -186,6 +189,21 @@ def bench(rows):
         if fqla_fwd is not None:
             cands["flashqla"] = lambda: fqla_fwd(q, k, v, g, beta, scale=scale, initial_state=s0,
                                                  output_final_state=True, cu_seqlens=cu)
+        # where our time goes: each kernel alone, graph-replayed
+        seqs, chunks = hopper._tables(tuple(lens), None if varlen else lens[0], q.device)
+        tok = q.shape[0] * q.shape[1]
+        flat = (q.view(tok, H, 128), k.view(tok, H, 128), v.view(tok, HV, 128))
+        mats = hopper.prepare(*flat[:2], g, beta, chunks, HV, scale, False)
+        o_buf = torch.empty(tok, HV, 128, dtype=q.dtype, device=q.device)
+        h0f = s0.view(len(lens), HV, -1)
+        ht_buf = torch.empty_like(h0f)
+        parts = {"prepare": lambda: hopper.prepare(*flat[:2], g, beta, chunks, HV, scale, False)}
+        for bv in hopper.V_TILES:
+            parts[f"recur BV={bv}"] = lambda bv=bv: hopper.recur(*flat, *mats, seqs, h0f, o_buf, ht_buf, False, bv)
+        for pname, fn in parts.items():
+            t = timed(fn, True)
+            rows.append((name, "  " + pname, float("nan"), t, 0.0, ""))
+            log(f"bench {name:24s}   {pname:16s} graph {t:.3f} ms")
         ref = None
         for cname, fn in cands.items():
             try:
@@ -215,6 +233,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-peers", action="store_true", help="time ours only (peers compile for minutes)")
     args = ap.parse_args()
     log("device:", torch.cuda.get_device_name(), "torch", torch.__version__)
     t = time.perf_counter()
@@ -226,7 +245,7 @@ def main():
         ok = checks()
     rows = []
     if not args.skip_bench:
-        bench(rows)
+        bench(rows, peers=not args.skip_peers)
     log("\n=== summary ===")
     log(f"correctness: {'all ok' if ok else 'FAILURES (see above)'}")
     log(f"{'config':24s} {'impl':18s} {'eager ms':>9s} {'graph ms':>9s}")

@@ -47,6 +47,7 @@ def chunk_matrices_kernel(K: int, dtype: str):
             t0 = chunks[c, 0]
             n = chunks[c, 1]
             hk = h // (v_heads // qk_heads)
+            tx = T.get_thread_binding()
 
             k_s = T.alloc_shared((C, K), dtype)
             q_s = T.alloc_shared((C, K), dtype)
@@ -56,14 +57,17 @@ def chunk_matrices_kernel(K: int, dtype: str):
             rk = T.alloc_shared((C,), ACC)
             rq = T.alloc_shared((C,), ACC)
             mat = T.alloc_shared((C, C), ACC)       # N, then D, then M, then Y
-            mat_t = T.alloc_shared((C, C), ACC)     # B operands, stored transposed (K-major, as tf32 wgmma needs)
+            mat_t = T.alloc_shared((C, C), ACC)     # B operands, stored transposed (K-major, as tf32 MMA needs)
             diag = T.alloc_shared((C, B), ACC)      # the four inverted 16 x 16 diagonal blocks, stacked
+            ag_s = T.alloc_shared((C, C), dtype)    # outputs staged for wide, coalesced stores
+            p_s = T.alloc_shared((C, C), dtype)
 
             sq = T.alloc_fragment((C, K), ACC)
             norm2 = T.alloc_fragment((C,), ACC)
             kk = T.alloc_fragment((C, C), ACC)
             acc = T.alloc_fragment((C, C), ACC)     # tf32 products (their own fragment layout)
             qk = T.alloc_fragment((C, C), ACC)
+            col = T.alloc_local((B,), ACC)
 
             # Rows past the chunk's end belong to the next sequence (or lie past T: TMA fills zeros);
             # every use below masks them.
@@ -76,13 +80,12 @@ def chunk_matrices_kernel(K: int, dtype: str):
             T.cumsum(gam, dim=0)
             T.barrier_wait(loaded, 0)
 
-            # l2-norm factors
-            T.copy(k_s, sq)
-            for i, j in T.Parallel(C, K):
-                sq[i, j] = sq[i, j] * sq[i, j]
-            T.reduce_sum(sq, norm2, dim=1)
-            for i in T.Parallel(C):
-                rk[i] = T.if_then_else(l2norm != 0, T.rsqrt(norm2[i] + 1e-6), 1.0)
+            T.gemm(k_s, k_s, kk, transpose_B=True, clear_accum=True)
+            T.gemm(q_s, k_s, qk, transpose_B=True, clear_accum=True)
+            # l2-norm factors: |k_i|^2 is the diagonal of K K^T; |q_i|^2 needs its own reduction
+            for i, j in T.Parallel(C, C):
+                if i == j:
+                    rk[i] = T.if_then_else(l2norm != 0, T.rsqrt(kk[i, j] + 1e-6), 1.0)
             T.copy(q_s, sq)
             for i, j in T.Parallel(C, K):
                 sq[i, j] = sq[i, j] * sq[i, j]
@@ -91,18 +94,19 @@ def chunk_matrices_kernel(K: int, dtype: str):
                 rq[i] = T.if_then_else(l2norm != 0, T.rsqrt(norm2[i] + 1e-6), 1.0)
 
             # N = StrictLower(diag(beta) Kn Kn^T), Kn the normalised keys
-            T.gemm(k_s, k_s, kk, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 mat[i, j] = T.if_then_else(i > j, kk[i, j] * bet[i] * rk[i] * rk[j], 0.0)
 
-            # forward substitution in the diagonal blocks: X_i = e_i - sum_{j<i} N_ij X_j, row by row
-            # (rows unrolled in Python so each step is one uniform parallel loop with a sum of known length)
-            for b, col in T.Parallel(C // B, B):
-                diag[b * B, col] = T.if_then_else(col == 0, 1.0, 0.0)
-            for i in list(range(1, B)):
-                for b, col in T.Parallel(C // B, B):
-                    diag[b * B + i, col] = T.if_then_else(col == i, 1.0, 0.0) - sum(
-                        [mat[b * B + i, b * B + j] * diag[b * B + j, col] for j in range(i)])
+            # forward substitution in the diagonal blocks, one thread per (block, column), the column in
+            # registers: X_i = e_i - sum_{j<i} N_ij X_j (unrolled at trace time)
+            if tx < C:
+                b = tx // B
+                e = tx % B
+                for i in list(range(B)):
+                    col[i] = T.if_then_else(e == i, 1.0, 0.0) - sum(
+                        [mat[b * B + i, b * B + j] * col[j] for j in range(i)], T.float32(0))
+                for i in list(range(B)):
+                    diag[b * B + i, e] = col[i]
 
             # mat_t = L_off^T, then mat = D
             for i, j in T.Parallel(C, C):
@@ -122,16 +126,17 @@ def chunk_matrices_kernel(K: int, dtype: str):
             for i, j in T.Parallel(C, C):
                 mat_t[j, i] = T.if_then_else(i // B == j // B, diag[i, j % B], 0.0)   # D^T
             T.gemm(mat, mat_t, acc, transpose_B=True, clear_accum=True)        # A0 = Y D
-            T.copy(acc, mat)
 
-            T.gemm(q_s, k_s, qk, transpose_B=True, clear_accum=True)
             last = gam[T.max(n, 1) - 1]
             for i, j in T.Parallel(C, C):
+                ag_s[i, j] = T.if_then_else(i >= j and i < n, acc[i, j] * T.exp(gam[i] - gam[j]) * bet[j], 0.0)
+            for i, j in T.Parallel(C, C):
+                p_s[i, j] = T.if_then_else(i >= j and i < n,
+                                           qk[i, j] * T.exp(gam[i] - gam[j]) * rq[i] * rk[j] * scale, 0.0)
+            for i, j in T.Parallel(C, C):
                 if i < n:
-                    ag[t0 + i, h, j] = T.if_then_else(
-                        i >= j, mat[i, j] * T.exp(gam[i] - gam[j]) * bet[j], 0.0)
-                    p[t0 + i, h, j] = T.if_then_else(
-                        i >= j, qk[i, j] * T.exp(gam[i] - gam[j]) * rq[i] * rk[j] * scale, 0.0)
+                    ag[t0 + i, h, j] = ag_s[i, j]
+                    p[t0 + i, h, j] = p_s[i, j]
             for i in T.Parallel(C):
                 if i < n:
                     coef[t0 + i, h, 0] = T.exp(gam[i]) * rk[i]

@@ -61,6 +61,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             w_s = T.alloc_shared((C, BV), dtype)
             vn_s = T.alloc_shared((C, BV), dtype)
             vc_s = T.alloc_shared((C, BV), dtype)
+            o_s = T.alloc_shared((C, BV), dtype)
 
             S = T.alloc_fragment((K, BV), ACC)
             ks = T.alloc_fragment((C, BV), ACC)
@@ -87,7 +88,10 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 # 0.1.15's warp specialisation leaves a copy placed before the loop unguarded and
                 # unremapped, so producer threads would write into it)
                 T.copy(S, s_s)
-                T.gemm(k_s, s_s, ks, clear_accum=True)
+                # K S and Q S in flight together: the synchronous second GEMM waits for both. (Only a
+                # buffer used again later may end an asynchronous GEMM's use: the pipeline hands a
+                # buffer back to the TMA producer right after its last use is issued, not completed.)
+                T.wgmma_gemm(k_s, s_s, ks, clear_accum=True)
                 T.gemm(q_s, s_s, out, clear_accum=True)
                 for i, j in T.Parallel(C, BV):
                     w_s[i, j] = v_s[i, j] - T.if_then_else(i < rows, cf_s[i, 0], 0.0) * ks[i, j]
@@ -97,13 +101,14 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                     vc_s[i, j] = vn[i, j] * T.if_then_else(i < rows, cf_s[i, 2], 0.0)
                 for i, j in T.Parallel(C, BV):
                     out[i, j] = out[i, j] * T.if_then_else(i < rows, cf_s[i, 1], 0.0)
-                T.gemm(p_s, vn_s, out)
-                for i, j in T.Parallel(C, BV):
-                    if i < rows:
-                        o[t0 + i, h, v0 + j] = out[i, j]
                 for i, j in T.Parallel(K, BV):
                     S[i, j] = S[i, j] * cf_s[0, 3]
                 T.gemm(k_s, vc_s, S, transpose_A=True)
+                T.gemm(p_s, vn_s, out)
+                T.copy(out, o_s)                                    # staged: 16-byte coalesced stores
+                for i, j in T.Parallel(C, BV):
+                    if i < rows:
+                        o[t0 + i, h, v0 + j] = o_s[i, j]
 
             if store_ht != 0:
                 for i, j in T.Parallel(K, BV):

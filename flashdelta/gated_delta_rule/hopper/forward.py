@@ -71,7 +71,7 @@ def _tables(seq_lens: tuple[int, ...], stride: int | None, device: torch.device)
         pos += L
     seqs = [x for s, L in zip(starts, seq_lens) for x in (s, L)]
     chunks = [x for s, L in zip(starts, seq_lens) for c in range(0, L, CHUNK) for x in (s + c, min(CHUNK, L - c))]
-    return _to_device(seqs, device), _to_device(chunks, device), len(chunks) // 2
+    return _to_device(seqs, device), _to_device(chunks, device)
 
 
 def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,
@@ -83,7 +83,6 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
         seq_lens = (Tn,) * B
     seq_lens = tuple(seq_lens)
     N, tokens, dev = len(seq_lens), B * Tn, q.device
-    dtype = DTYPES[q.dtype]
 
     o = torch.empty(B, Tn, HV, V, dtype=q.dtype, device=dev)
     h0 = None
@@ -95,26 +94,34 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
             ht.copy_(h0) if h0 is not None else ht.zero_()
         return o, _final(ht, N, HV, K, V, state_v_first)
 
-    seqs, chunks, num_chunks = _tables(seq_lens, Tn if cu_seqlens is None else None, dev)
-    qf = q.contiguous().view(tokens, H, K)
-    kf = k.contiguous().view(tokens, H, K)
-    vf = v.contiguous().view(tokens, HV, V)
-    gf = g.to(torch.float32).contiguous().view(tokens, HV)
-    bf = beta.to(torch.float32).contiguous().view(tokens, HV)
+    seqs, chunks = _tables(seq_lens, Tn if cu_seqlens is None else None, dev)
+    flat = (q.contiguous().view(tokens, H, K), k.contiguous().view(tokens, H, K), v.contiguous().view(tokens, HV, V))
+    mats = prepare(*flat[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
+    recur(*flat, *mats, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
+    return o, _final(ht, N, HV, K, V, state_v_first)
 
-    ag = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=dev)
-    p = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=dev)
-    coef = torch.empty(tokens, HV, 4, dtype=torch.float32, device=dev)
-    matrices_kernel(dtype)(qf, kf, gf, bf, chunks, ag, p, coef, float(scale), int(bool(use_qk_l2norm_in_kernel)))
 
+def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool):
+    """Kernel 1 on flat [tokens, heads, dim] inputs: (ag, p, coef) for every chunk and value head."""
+    tokens = q.shape[0]
+    ag = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=q.device)
+    p = torch.empty_like(ag)
+    coef = torch.empty(tokens, HV, 4, dtype=torch.float32, device=q.device)
+    matrices_kernel(DTYPES[q.dtype])(q, k, g.to(torch.float32).contiguous().view(tokens, HV),
+                                     beta.to(torch.float32).contiguous().view(tokens, HV), chunks, ag, p, coef,
+                                     float(scale), int(bool(l2norm)))
+    return ag, p, coef
+
+
+def recur(q, k, v, ag, p, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
+    """Kernel 2 on flat inputs: writes o [tokens, HV, V] and, if given, ht [N, HV, K * V]."""
+    HV, K, V = v.shape[1], q.shape[2], v.shape[2]
     placeholder = None
     if h0 is None or ht is None:
-        placeholder = torch.empty(1, HV, K * V, dtype=torch.float32, device=dev)
-    recurrence_kernel(dtype, v_tile)(
-        qf, kf, vf, ag, p, coef, seqs,
-        h0 if h0 is not None else placeholder, o.view(tokens, HV, V), ht if ht is not None else placeholder,
-        int(h0 is not None), int(ht is not None), int(bool(state_v_first)))
-    return o, _final(ht, N, HV, K, V, state_v_first)
+        placeholder = torch.empty(1, HV, K * V, dtype=torch.float32, device=q.device)
+    recurrence_kernel(DTYPES[q.dtype], v_tile)(
+        q, k, v, ag, p, coef, seqs, h0 if h0 is not None else placeholder, o,
+        ht if ht is not None else placeholder, int(h0 is not None), int(ht is not None), int(bool(state_v_first)))
 
 
 def _final(ht, N, HV, K, V, state_v_first):

@@ -43,7 +43,11 @@ def chunk_matrices_kernel(K: int, dtype: str):
         scale: T.float32,
         l2norm: T.int32,
     ):
-        with T.Kernel(num_chunks, v_heads, threads=128) as (c, h):
+        # 1-D grid (no 65535 limit), value heads fastest: the heads sharing a q/k tile run together (L2
+        # reuse) and write adjacent rows
+        with T.Kernel(num_chunks * v_heads, threads=128) as (b,):
+            h = b % v_heads
+            c = b // v_heads
             t0 = chunks[c, 0]
             n = chunks[c, 1]
             hk = h // (v_heads // qk_heads)

@@ -106,11 +106,8 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                     out[i, j] = out[i, j] * T.if_then_else(i < rows, cf_s[i, 1], 0.0)
                 for i, j in T.Parallel(K, BV):
                     S[i, j] = S[i, j] * cf_s[0, 3]
-                # P V' in flight with the state update. P's slot is handed back once P V' is issued, but
-                # the producer refills slots in load order (q, k, v, ag, p, coef) and k's slot frees only
-                # after the synchronous state update has waited for every GEMM, P V' included.
-                T.wgmma_gemm(p_s, vn_s, out)
                 T.gemm(k_s, vc_s, S, transpose_A=True)
+                T.gemm(p_s, vn_s, out)
                 T.copy(out, o_s)                                    # staged: 16-byte coalesced stores
                 for i, j in T.Parallel(C, BV):
                     if i < rows:

@@ -105,3 +105,9 @@ def test_new_lengths_do_not_recompile():
     _run([12, 0, 300, 64], 2, 4, varlen=True, seed=10)
     _run([129], 4, 8, varlen=True, seed=11)               # new head counts too
     assert hop.compilations == before
+
+
+def test_more_sequences_than_one_launch(monkeypatch):
+    hop = _hopper()
+    monkeypatch.setattr(hop, "MAX_GRID_Z", 2)                # 5 sequences -> three launches
+    _run([70, 0, 129, 64, 3], 2, 4, varlen=True, seed=12)

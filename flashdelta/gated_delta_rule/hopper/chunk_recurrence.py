@@ -45,10 +45,9 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
         store_ht: T.int32,
         v_first: T.int32,
     ):
-        with T.Kernel(V // BV * v_heads * num_seqs, threads=threads) as (b,):     # 1-D: no 65535 limit
-            bv = b % (V // BV)
-            h = b // (V // BV) % v_heads
-            n = b // (V // BV * v_heads)
+        # a 3-D grid (the caller launches at most 65535 sequences at a time): a 1-D grid decoded with
+        # divisions by the dynamic head count measured 8-35% slower (divisions redone in the loop)
+        with T.Kernel(V // BV, v_heads, num_seqs, threads=threads) as (bv, h, n):
             start = seqs[n, 0]
             length = seqs[n, 1]
             hk = h // (v_heads // qk_heads)

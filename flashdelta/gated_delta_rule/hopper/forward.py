@@ -17,6 +17,7 @@ TARGET = {"kind": "cuda", "arch": "sm_90a"}
 HEAD_DIM = 128
 V_TILES = (128, 64)                       # recurrence variants: V columns per CTA
 DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+MAX_GRID_Z = 65535
 
 compilations = 0                          # kernels built in this process (tests check new lengths add none)
 
@@ -121,9 +122,12 @@ def recur(q, k, v, ag, p, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: in
     placeholder = None
     if h0 is None or ht is None:
         placeholder = torch.empty(1, HV, K * V, dtype=torch.float32, device=q.device)
-    recurrence_kernel(DTYPES[q.dtype], v_tile)(
-        q, k, v, ag, p, coef, seqs, h0 if h0 is not None else placeholder, o,
-        ht if ht is not None else placeholder, int(h0 is not None), int(ht is not None), int(bool(state_v_first)))
+    kernel = recurrence_kernel(DTYPES[q.dtype], v_tile)
+    for s in range(0, seqs.shape[0], MAX_GRID_Z):        # the grid's z extent is at most 65535
+        e = s + MAX_GRID_Z
+        kernel(q, k, v, ag, p, coef, seqs[s:e], h0[s:e] if h0 is not None else placeholder, o,
+               ht[s:e] if ht is not None else placeholder, int(h0 is not None), int(ht is not None),
+               int(bool(state_v_first)))
 
 
 def _final(ht, N, HV, K, V, state_v_first):

@@ -2,12 +2,14 @@
 
     TILELANG_CACHE_DIR=... python -m flashdelta.compile --arch sm_90a
 
-Prints one line per variant: name, compile seconds, and whether the generated CUDA holds wgmma and
-TMA loads. Exits nonzero if a variant fails to build or lacks either.
+Prints one line per variant: name, compile seconds (builds run in parallel), and whether the
+generated CUDA holds wgmma and TMA loads (and the mbarrier / setmaxnreg of warp specialisation). Exits nonzero if a variant fails to build or lacks either.
 """
 import argparse
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 
 def features(source: str) -> dict[str, bool]:
@@ -20,31 +22,44 @@ def features(source: str) -> dict[str, bool]:
     }
 
 
+def build_all(only: str = "", jobs: int | None = None):
+    """Build every variant whose name contains ``only``, ``jobs`` at a time (TileLang compiles in
+    threads; nvcc runs outside the GIL). Returns (name, seconds, source or the exception) per variant."""
+    from .gated_delta_rule.hopper.forward import variants
+
+    def one(item):
+        name, build = item
+        t = time.perf_counter()
+        try:
+            result = build().get_kernel_source()
+        except Exception as err:  # reported per variant by the caller
+            result = err
+        return name, time.perf_counter() - t, result
+
+    todo = [v for v in variants() if only in v[0]]
+    with ThreadPoolExecutor(max(1, jobs or os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, todo))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="sm_90a", help="only sm_90a is built")
     parser.add_argument("--only", default="", help="build only variants whose name contains this")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel builds (default: CPU count)")
     args = parser.parse_args(argv)
     if args.arch != "sm_90a":
         print(f"unsupported arch {args.arch}: the kernels target sm_90a", file=sys.stderr)
         return 2
-    from .gated_delta_rule.hopper.forward import variants
-
     failed = 0
-    for name, build in variants():
-        if args.only not in name:
-            continue
-        t = time.perf_counter()
-        try:
-            source = build().get_kernel_source()
-        except Exception as err:  # report and go on: one line per variant
-            print(f"{name:36s} FAILED after {time.perf_counter() - t:6.1f}s: {type(err).__name__}: {err}")
+    for name, seconds, source in build_all(args.only, args.jobs):
+        if isinstance(source, Exception):
+            print(f"{name:36s} FAILED after {seconds:6.1f}s: {type(source).__name__}: {source}")
             failed += 1
             continue
         f = features(source)
         ok = f["wgmma"] and f["tma"]
         failed += not ok
-        print(f"{name:36s} {time.perf_counter() - t:6.1f}s  " + "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in f.items())
+        print(f"{name:36s} {seconds:6.1f}s  " + "  ".join(f"{k}={'yes' if v else 'no'}" for k, v in f.items())
               + ("" if ok else "  MISSING wgmma/TMA"))
     return 1 if failed else 0
 

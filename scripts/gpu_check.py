@@ -1,12 +1,11 @@
 """One GPU call: check the Hopper kernels against float64 references, then time them against FLA and FlashQLA.
 
-    TILELANG_CACHE_DIR=.gpu/tlcache python scripts/gpu_check.py [--skip-bench] [--skip-check]
+    TILELANG_CACHE_DIR=.gpu/tlcache python scripts/gpu_check.py [--skip-check] [--skip-bench] [--skip-peers]
 
 Writes full logs under $OUT (or ./bench-out) and prints a short table last.
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
@@ -40,7 +39,9 @@ def rel(a, e):
 
 
 def inputs(lens, H, HV, *, varlen, dtype=torch.bfloat16, h0=True, l2=False, strong=False, zero_heads=1,
-           seed=0, dev="cuda"):
+           seed=0, dev="cuda", protocol=False):
+    """Random inputs; ``protocol``: as DESIGN section 5 (g = logsigmoid(randn)/16 with every fourth head 0,
+    beta = sigmoid(rand)), else harder test draws (g /8, beta uniform, ``zero_heads`` leading heads at 0)."""
     gen = torch.Generator(device=dev).manual_seed(seed)
     B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
     rnd = lambda *s: torch.randn(*s, generator=gen, device=dev)
@@ -48,9 +49,14 @@ def inputs(lens, H, HV, *, varlen, dtype=torch.bfloat16, h0=True, l2=False, stro
     if not l2:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     v = rnd(B, T, HV, 128)
-    g = (-20 * torch.rand(B, T, HV, generator=gen, device=dev)) if strong else F.logsigmoid(rnd(B, T, HV)) / 8
-    g[..., :zero_heads] = 0
+    g = (-20 * torch.rand(B, T, HV, generator=gen, device=dev)) if strong else \
+        F.logsigmoid(rnd(B, T, HV)) / (16 if protocol else 8)
     beta = torch.rand(B, T, HV, generator=gen, device=dev)
+    if protocol:
+        g[..., ::4] = 0
+        beta = torch.sigmoid(beta)
+    else:
+        g[..., :zero_heads] = 0
     s0 = rnd(len(lens), HV, 128, 128) if h0 else None
     cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=dev) \
         if varlen else None
@@ -152,27 +158,22 @@ def timed(fn, graph: bool, iters=30):
 
 def bench(rows, peers=True):
     fla_fwd = fqla_fwd = None
-    try:
-        if peers:
+    if peers:
+        try:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_fwd
-    except Exception as err:
-        fla_fwd = None
-        log("FLA unavailable:", err)
-    try:
-        if peers:
-            import flash_qla
-            fqla_fwd = flash_qla.chunk_gated_delta_rule
-    except Exception as err:
-        fqla_fwd = None
-        log("FlashQLA unavailable:", err)
+        except Exception as err:
+            log("FLA unavailable:", err)
+        try:
+            from flash_qla import chunk_gated_delta_rule as fqla_fwd
+        except Exception as err:
+            log("FlashQLA unavailable:", err)
     from flashdelta.gated_delta_rule.api import chunk_gated_delta_rule as ours_api
 
     configs = [("4x8192 hk16/hv32", [8192] * 4, 16, 32, False),
                ("1x32768 hk2/hv8", [32768], 2, 8, False),
                ("varlen 8x4096 hk4/hv16", [4096] * 8, 4, 16, True)]
     for name, lens, H, HV, varlen in configs:
-        q, k, v, g, beta, s0, cu = inputs(lens, H, HV, varlen=varlen, zero_heads=0)
-        g[..., ::4] = 0
+        q, k, v, g, beta, s0, cu = inputs(lens, H, HV, varlen=varlen, protocol=True)
         scale = 128 ** -0.5
         seq = tuple(lens) if varlen else None
         cu_cpu = cu.cpu() if cu is not None else None

@@ -99,8 +99,9 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
 
     seqs, chunks = _tables(seq_lens, Tn if cu_seqlens is None else None, dev)
     flat = (q.contiguous().view(tokens, H, K), k.contiguous().view(tokens, H, K), v.contiguous().view(tokens, HV, V))
-    mats = prepare(*flat[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
-    recur(*flat, *mats, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
+    with torch.cuda.device(dev):          # TileLang launches on the current device's current stream
+        mats = prepare(*flat[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
+        recur(*flat, *mats, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
     return o, _final(ht, N, HV, K, V, state_v_first)
 
 

@@ -8,6 +8,7 @@ sequences and chunks are built on the host from ``seq_lens`` (no device sync) an
 """
 import functools
 
+import tilelang
 import torch
 
 from .chunk_matrices import CHUNK, chunk_matrices_kernel
@@ -37,7 +38,6 @@ def variants():
 
 
 def _compile(func, fast_math: bool = False):
-    import tilelang
     global compilations
     compilations += 1
     return tilelang.compile(func, target=TARGET,
@@ -46,7 +46,7 @@ def _compile(func, fast_math: bool = False):
 
 @functools.lru_cache(maxsize=None)
 def matrices_kernel(dtype: str):
-    # fast math: its exps are instruction-bound (a quarter fewer instructions); arguments are <= 0
+    # fast math: a quarter fewer instructions (its exps; arguments are <= 0), no measurable change on H100
     return _compile(chunk_matrices_kernel(HEAD_DIM, dtype), fast_math=True)
 
 

@@ -80,12 +80,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         if reason is None and backend == "auto" and needs_grad:
             reason = "the TileLang backward is not implemented yet"
         if reason is None:
-            from .hopper.forward import hopper_forward
-            kernel = _forward_only(hopper_forward, needs_grad)
-            plan = _plan(problem, context_parallel, _sm_count(q.device))
-            if plan is not None:
-                return context_parallel_forward(kernel, *args, problem, cu_seqlens is None, bool(state_v_first), plan)
-            return kernel(*args, cu_seqlens, problem.seq_lens, bool(state_v_first))
+            return _run_kernels(args, problem, cu_seqlens, bool(state_v_first), context_parallel, needs_grad)
         if backend == "tilelang":
             raise RuntimeError(f"backend='tilelang' cannot run this call: {reason}")
         logger.debug("flashdelta: torch path (%s)", reason)
@@ -96,6 +91,19 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
             return context_parallel_forward(chunked_varlen_forward, *args, problem, cu_seqlens is None,
                                             bool(state_v_first), plan)
     return chunked_gated_delta_rule(*args, problem, batched=cu_seqlens is None, state_v_first=bool(state_v_first))
+
+
+def _run_kernels(args, problem, cu_seqlens, state_v_first, context_parallel, needs_grad):
+    """The Hopper path: unsplit, or context-parallel when the planner (or the caller) says so."""
+    from .hopper.context_parallel import hopper_cp_forward
+    from .hopper.forward import hopper_forward
+
+    plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, _sm_count(args[0].device), context_parallel)
+    if plan.context_parallel:
+        run = _forward_only(hopper_cp_forward, needs_grad)
+        return run(*args, cu_seqlens, problem.seq_lens, state_v_first, plan)
+    run = _forward_only(hopper_forward, needs_grad)
+    return run(*args, cu_seqlens, problem.seq_lens, state_v_first, plan.v_tile)
 
 
 def _plan(problem, context_parallel, sm_count):

@@ -30,8 +30,9 @@ class SegmentTable:
     cu_seqlens: torch.Tensor      # [S + 1] token offsets of the segments, int32
     starts: torch.Tensor          # [S] first token of each segment, int64
     ends: torch.Tensor            # [S] one past its last token, int64
-    order: torch.Tensor           # [N, J] segment index of the j-th segment of sequence n; S = "none"
+    order: torch.Tensor           # [N, J] int32 segment index of the j-th segment of sequence n; S = "none"
     last: torch.Tensor            # [N] index of each sequence's last segment; S = "none"
+    spans: torch.Tensor           # [S + 1, 2] int32 (first token, length); the last row is the empty "none"
     seq_lens: tuple[int, ...]     # host lengths of the segments
 
     @staticmethod
@@ -53,7 +54,8 @@ class SegmentTable:
         def dev(x, dtype=torch.int64):
             return torch.tensor(x, dtype=dtype).to(device)
         return SegmentTable(dev(cu, torch.int32), dev(starts), dev([s + t for s, t in zip(starts, lens)]),
-                            dev(order).reshape(len(seq_lens), J), dev(last), tuple(lens))
+                            dev(order, torch.int32).reshape(len(seq_lens), J), dev(last),
+                            dev([[s, t] for s, t in zip(starts, lens)] + [[0, 0]], torch.int32), tuple(lens))
 
 
 def truncatable(g, beta, k, table: SegmentTable, group: int, use_qk_l2norm: bool, tau: float):
@@ -83,7 +85,7 @@ def scan_segments(R, M, truncate, h0, table: SegmentTable):
     state = h0.to(R.dtype) if h0 is not None else R.new_zeros(N, HV, K, V)
     starts = R.new_empty(S_count + 1, HV, K, V)
     for j in range(table.order.shape[1]):
-        idx = table.order[:, j]
+        idx = table.order[:, j].long()
         starts[idx] = state
         state = torch.where(keep[idx], M[idx] @ state, 0.0) + R[idx]
     return starts[:-1]

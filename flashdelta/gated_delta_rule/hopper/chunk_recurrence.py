@@ -12,6 +12,11 @@ Chunks are loaded whole (TMA; rows past the sequence's end belong to the next se
 and come back as zeros). Rows past the end are neutralised by zeroing their row factors: their V'
 rows never reach a valid output (Ag and P are lower triangular) or the state (c2 = 0), and their
 outputs are not stored. Lengths are dynamic: sequences come from a table of (first token, length).
+
+Context parallelism also needs each segment's transition M (the state map S -> M S + R is linear).
+With ``transitions`` the grid doubles along V: the second half of the CTAs start from identity
+columns, treat v as zero and skip the output, so their final "state" is M; they write it to
+``ht[num_seqs + n]`` while the first half write R to ``ht[n]``. One launch gives both.
 """
 import tilelang.language as T
 
@@ -44,13 +49,17 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
         has_h0: T.int32,
         store_ht: T.int32,
         v_first: T.int32,
+        store_o: T.int32,
+        transitions: T.int32,
     ):
         # a 3-D grid (the caller launches at most 65535 sequences at a time): a 1-D grid decoded with
         # divisions by the dynamic head count measured 8-35% slower (divisions redone in the loop)
-        with T.Kernel(V // BV, v_heads, num_seqs, threads=threads) as (bv, h, n):
+        with T.Kernel((V // BV) * (1 + transitions), v_heads, num_seqs, threads=threads) as (bt, h, n):
             start = seqs[n, 0]
             length = seqs[n, 1]
             hk = h // (v_heads // qk_heads)
+            bv = bt % (V // BV)
+            is_m = bt // (V // BV)                         # 1: this CTA computes transition columns
             v0 = bv * BV
 
             q_s = T.alloc_shared((C, K), dtype)
@@ -70,15 +79,20 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             vn = T.alloc_fragment((C, BV), ACC)
             out = T.alloc_fragment((C, BV), ACC)
 
-            if has_h0 != 0:
+            if is_m != 0:
+                for i, j in T.Parallel(K, BV):
+                    S[i, j] = T.if_then_else(i == v0 + j, 1.0, 0.0)
+            elif has_h0 != 0:
                 for i, j in T.Parallel(K, BV):
                     S[i, j] = T.if_then_else(v_first != 0, h0[n, h, (v0 + j) * K + i], h0[n, h, i * V + v0 + j])
             else:
                 T.clear(S)
 
+            v_keep = T.cast(1 - is_m, ACC)
             for c in T.Pipelined(T.ceildiv(length, C), num_stages=2):
                 t0 = start + c * C
                 rows = length - c * C                      # valid rows of this chunk (> 64 = all)
+                out_rows = rows * store_o * (1 - is_m)      # rows whose output is stored
                 T.copy(q[t0:t0 + C, hk, 0:K], q_s)
                 T.copy(k[t0:t0 + C, hk, 0:K], k_s)
                 T.copy(v[t0:t0 + C, h, v0:v0 + BV], v_s)
@@ -96,7 +110,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 T.wgmma_gemm(k_s, s_s, ks, clear_accum=True)
                 T.gemm(q_s, s_s, out, clear_accum=True)
                 for i, j in T.Parallel(C, BV):
-                    w_s[i, j] = v_s[i, j] - T.if_then_else(i < rows, cf_s[i, 0], 0.0) * ks[i, j]
+                    w_s[i, j] = v_keep * v_s[i, j] - T.if_then_else(i < rows, cf_s[i, 0], 0.0) * ks[i, j]
                 T.gemm(ag_s, w_s, vn, clear_accum=True)
                 for i, j in T.Parallel(C, BV):
                     vn_s[i, j] = vn[i, j]
@@ -109,14 +123,14 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 T.gemm(p_s, vn_s, out)
                 T.copy(out, o_s)                                    # staged: 16-byte coalesced stores
                 for i, j in T.Parallel(C, BV):
-                    if i < rows:
+                    if i < out_rows:
                         o[t0 + i, h, v0 + j] = o_s[i, j]
 
             if store_ht != 0:
                 for i, j in T.Parallel(K, BV):
                     if v_first != 0:
-                        ht[n, h, (v0 + j) * K + i] = S[i, j]
+                        ht[n + is_m * num_seqs, h, (v0 + j) * K + i] = S[i, j]
                     else:
-                        ht[n, h, i * V + v0 + j] = S[i, j]
+                        ht[n + is_m * num_seqs, h, i * V + v0 + j] = S[i, j]
 
     return chunk_recurrence

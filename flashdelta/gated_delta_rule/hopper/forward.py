@@ -34,6 +34,8 @@ def variants():
         out.append((f"chunk_matrices[{dtype}]", functools.partial(matrices_kernel, dtype)))
         for bv in V_TILES:
             out.append((f"chunk_recurrence[{dtype},BV={bv}]", functools.partial(recurrence_kernel, dtype, bv)))
+    from .context_parallel import scan_kernel
+    out.append((f"segment_scan[K={HEAD_DIM}]", functools.partial(scan_kernel, HEAD_DIM)))
     return out
 
 
@@ -117,18 +119,24 @@ def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool):
     return ag, p, coef
 
 
-def recur(q, k, v, ag, p, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
-    """Kernel 2 on flat inputs: writes o [tokens, HV, V] and, if given, ht [N, HV, K * V]."""
+def recur(q, k, v, ag, p, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int,
+          store_o: bool = True, transitions: bool = False):
+    """Kernel 2 on flat inputs: writes o [tokens, HV, V] (unless ``store_o`` is False) and, if given,
+    ht [N, HV, K * V]; with ``transitions``, also each sequence's transition M into ht[N:2N]."""
     HV, K, V = v.shape[1], q.shape[2], v.shape[2]
     placeholder = None
     if h0 is None or ht is None:
         placeholder = torch.empty(1, HV, K * V, dtype=torch.float32, device=q.device)
     kernel = recurrence_kernel(DTYPES[q.dtype], v_tile)
+    flags = (int(h0 is not None), int(ht is not None), int(bool(state_v_first)), int(store_o), int(transitions))
+    if transitions:                                      # ht[n + N] indexing needs a single launch
+        assert seqs.shape[0] <= MAX_GRID_Z and ht is not None and ht.shape[0] == 2 * seqs.shape[0]
+        kernel(q, k, v, ag, p, coef, seqs, h0 if h0 is not None else placeholder, o, ht, *flags)
+        return
     for s in range(0, seqs.shape[0], MAX_GRID_Z):        # the grid's z extent is at most 65535
         e = s + MAX_GRID_Z
         kernel(q, k, v, ag, p, coef, seqs[s:e], h0[s:e] if h0 is not None else placeholder, o,
-               ht[s:e] if ht is not None else placeholder, int(h0 is not None), int(ht is not None),
-               int(bool(state_v_first)))
+               ht[s:e] if ht is not None else placeholder, *flags)
 
 
 def _final(ht, N, HV, K, V, state_v_first):

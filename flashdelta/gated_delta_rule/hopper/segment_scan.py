@@ -2,7 +2,8 @@
 
 One CTA per (sequence, value head, V tile) walks that sequence's segments in order (``order``, padded
 with a "none" segment whose M is I, R is 0 and keep is 1). M_j S_j runs on the tensor cores in TF32
-(wgmma needs B K-major, so S is staged transposed); the state, R and the sum stay in fp32. Segment
+(wgmma needs B K-major, so S is staged transposed); the state, R and the sum stay in fp32. The loop
+is pipelined so that TMA brings the next segment's M (64 KB) while this one multiplies. Segment
 counts and all sizes are dynamic.
 """
 import tilelang.language as T
@@ -17,7 +18,7 @@ def segment_scan_kernel(K: int, BV: int, threads: int = 128):
 
     @T.prim_func
     def segment_scan(
-        M: T.Tensor((rows, v_heads, K, K), ACC),
+        M: T.Tensor((rows, v_heads, K, K), T.tfloat32),    # fp32 in memory; typed tf32 so TMA loads it as is
         R: T.Tensor((rows, v_heads, K, K), ACC),
         keep: T.Tensor((rows, v_heads), ACC),
         h0: T.Tensor((num_seqs, v_heads, K, K), ACC),
@@ -31,7 +32,7 @@ def segment_scan_kernel(K: int, BV: int, threads: int = 128):
             MS = T.alloc_fragment((K, BV), ACC)
             v0 = bv * BV
             T.copy(h0[n, h, :, v0:v0 + BV], S)
-            for j in T.serial(max_segments):
+            for j in T.Pipelined(max_segments, num_stages=2):     # the next M streams in (TMA) meanwhile
                 seg = order[n, j]
                 T.copy(S, starts[seg, h, :, v0:v0 + BV])
                 for i, c in T.Parallel(K, BV):

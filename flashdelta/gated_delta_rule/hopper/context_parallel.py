@@ -1,0 +1,70 @@
+"""Context-parallel forward on Hopper (DESIGN section 3): the plan's segments run as sequences.
+
+Five launches, no host synchronisation:
+
+1. ``chunk_matrices`` once for all chunks (segments start on chunk boundaries, so the per-chunk
+   operators are shared by both passes);
+2. ``chunk_recurrence`` over the segments from zero with ``transitions``: R_j and M_j together,
+   outputs not stored;
+3. the truncation test per (segment, head) -- a few element-wise torch ops over g, beta and |k|^2;
+4. ``segment_scan``: the state entering every segment;
+5. ``chunk_recurrence`` over the segments from those states: o, and each segment's final state.
+
+The segment table ends with an empty "none" segment (M = I, R = 0) that pads the scan's per-sequence
+segment lists; it costs one idle CTA per head.
+"""
+import functools
+
+import torch
+
+from ..context_parallel import TRUNCATION_TAU
+from ..cp_forward import SegmentTable, truncatable
+from .forward import DTYPES, _compile, _tables, prepare, recur
+from .segment_scan import segment_scan_kernel
+
+SCAN_V_TILE = 64
+
+
+@functools.lru_cache(maxsize=None)
+def scan_kernel(K: int = 128):
+    return _compile(segment_scan_kernel(K, SCAN_V_TILE))
+
+
+def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,
+                      use_qk_l2norm_in_kernel: bool, cu_seqlens, seq_lens, state_v_first: bool, plan,
+                      tau: float = TRUNCATION_TAU):
+    B, Tn, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    assert K == V and q.dtype in DTYPES
+    seq_lens = tuple(seq_lens)
+    N, tokens, dev = len(seq_lens), B * Tn, q.device
+    stride = Tn if cu_seqlens is None else None
+    table = SegmentTable.build(plan, seq_lens, stride, dev)
+    S = len(table.seq_lens)
+    _, chunks = _tables(seq_lens, stride, dev)
+    qf, kf, vf = (x.contiguous().view(tokens, x.shape[2], x.shape[3]) for x in (q, k, v))
+    gf, bf = g.reshape(tokens, HV), beta.reshape(tokens, HV)
+    o = torch.empty(B, Tn, HV, V, dtype=q.dtype, device=dev)
+    of = o.view(tokens, HV, V)
+    h0 = torch.zeros(N, HV, K, V, dtype=torch.float32, device=dev) if initial_state is None else \
+        (initial_state.transpose(-1, -2) if state_v_first else initial_state).to(torch.float32).contiguous()
+
+    with torch.cuda.device(dev):
+        mats = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
+        ends = torch.empty(2 * (S + 1), HV, K * V, dtype=torch.float32, device=dev)
+        recur(qf, kf, vf, *mats, table.spans, None, of, ends, False, plan.v_tile, store_o=False, transitions=True)
+        keep = torch.ones(S + 1, HV, dtype=torch.float32, device=dev)
+        keep[:S] = (~truncatable(gf, bf, kf, table, HV // H, use_qk_l2norm_in_kernel, tau)).float()
+        starts = torch.empty(S + 1, HV, K, V, dtype=torch.float32, device=dev)
+        scan_kernel(K)(ends[S + 1:].view(S + 1, HV, K, K), ends[:S + 1].view(S + 1, HV, K, V), keep, h0,
+                       table.order, starts)
+        seg_final = torch.empty(S + 1, HV, K * V, dtype=torch.float32, device=dev) if output_final_state else None
+        recur(qf, kf, vf, *mats, table.spans, starts.view(S + 1, HV, K * V), of, seg_final, False, plan.v_tile)
+
+    if not output_final_state:
+        return o, None
+    # each sequence's final state is its last segment's; a sequence with no tokens keeps its h0
+    padded = torch.cat([seg_final, h0.view(N, HV, K * V)])
+    pick = torch.where(table.last < S, table.last, torch.arange(N, device=dev) + S + 1)
+    final = padded[pick].view(N, HV, K, V)
+    return o, (final.transpose(-1, -2).contiguous() if state_v_first else final)

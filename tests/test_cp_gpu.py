@@ -1,0 +1,71 @@
+"""Context parallelism on the Hopper kernels, through the public API, against float64 references."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashdelta import chunk_gated_delta_rule, naive_gated_delta_rule
+from helpers import make_inputs, rel_err
+
+pytestmark = pytest.mark.gpu
+TOL = 5e-3
+DEV = "cuda"
+
+
+def mixed_gates(g):
+    """Per value head: g = 0, tiny decay, the drawn decay, strong decay (repeating)."""
+    g = g.clone()
+    g[..., 0::4] = 0
+    g[..., 1::4] = -1e-4 * torch.rand_like(g[..., 1::4])
+    g[..., 3::4] = -5 * torch.rand_like(g[..., 3::4])
+    return g
+
+
+def check(lens, H, HV, *, varlen, context_parallel, h0=True, v_first=False, l2=False, seed=0, reference="naive"):
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an SM90 (Hopper) GPU")
+    gen = torch.Generator().manual_seed(seed)
+    B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
+    q, k, v, g, beta, s0 = make_inputs(B, T, H, HV, 128, 128, h0=h0, num_seqs=len(lens), generator=gen)
+    q = F.normalize(q, dim=-1)
+    g = mixed_gates(g)
+    if v_first and s0 is not None:
+        s0 = s0.transpose(-1, -2).contiguous()
+    cu = torch.tensor([0] + lens).cumsum(0).to(torch.int32) if varlen else None
+    dev = [x.to(DEV, torch.bfloat16) for x in (q, k, v)] + [x.to(DEV, torch.float32) for x in (g, beta)]
+    ds0 = s0.to(DEV, torch.float32) if s0 is not None else None
+    dcu = cu.to(DEV) if cu is not None else None
+    torch.full((B, T, HV, 128), float("nan"), device=DEV, dtype=torch.bfloat16)   # poison the allocator's blocks
+    o, ht = chunk_gated_delta_rule(*dev, initial_state=ds0, output_final_state=True, use_qk_l2norm_in_kernel=l2,
+                                   cu_seqlens=dcu, state_v_first=v_first, backend="tilelang",
+                                   context_parallel=context_parallel)
+    torch.cuda.synchronize()
+    assert torch.isfinite(o).all() and torch.isfinite(ht).all()
+    args = [x.double() for x in dev]
+    ref = naive_gated_delta_rule if reference == "naive" else \
+        (lambda *a, **kw: chunk_gated_delta_rule(*a, **kw, backend="torch", context_parallel=False))
+    eo, eht = ref(*args, initial_state=ds0.double() if ds0 is not None else None, output_final_state=True,
+                  use_qk_l2norm_in_kernel=l2, cu_seqlens=dcu, state_v_first=v_first)
+    assert rel_err(o, eo) <= TOL, rel_err(o, eo)
+    assert rel_err(ht, eht) <= TOL, rel_err(ht, eht)
+
+
+@pytest.mark.parametrize("h0", [True, False])
+@pytest.mark.parametrize("segment_chunks", [1, 3])
+def test_forced_segments_batched(h0, segment_chunks):
+    check([700, 700], 2, 8, varlen=False, context_parallel=segment_chunks, h0=h0)
+
+
+@pytest.mark.parametrize("v_first", [False, True])
+def test_forced_segments_varlen_long_and_short(v_first):
+    check([1500, 0, 5, 64, 700, 1], 1, 4, varlen=True, context_parallel=4, v_first=v_first, seed=1)
+
+
+def test_l2norm_truncation_path():
+    check([2000, 300], 2, 4, varlen=True, context_parallel=2, l2=True, seed=2)
+
+
+def test_planner_chooses_cp_for_one_long_sequence():
+    from flashdelta.gated_delta_rule.planner import plan_forward
+    props = torch.cuda.get_device_properties(0)
+    assert plan_forward((131072,), 4, 128, props.multi_processor_count).context_parallel
+    check([131072], 1, 4, varlen=False, context_parallel=None, seed=3, reference="torch")

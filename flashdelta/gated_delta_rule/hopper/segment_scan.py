@@ -2,9 +2,9 @@
 
 One CTA per (sequence, value head, V tile) walks that sequence's segments in order (``order``, padded
 with a "none" segment whose M is I, R is 0 and keep is 1). M_j S_j runs on the tensor cores in TF32
-(wgmma needs B K-major, so S is staged transposed); the state, R and the sum stay in fp32. The loop
-is pipelined so that TMA brings the next segment's M (64 KB) while this one multiplies. Segment
-counts and all sizes are dynamic.
+(wgmma needs B K-major, so S is staged transposed); the state, R and the sum stay in fp32. Loads are
+plain 16-byte vector loads (no TMA): the scan is a few steps per sequence. Segment counts and all
+sizes are dynamic.
 """
 import tilelang.language as T
 
@@ -18,7 +18,7 @@ def segment_scan_kernel(K: int, BV: int, threads: int = 128):
 
     @T.prim_func
     def segment_scan(
-        M: T.Tensor((rows, v_heads, K, K), T.tfloat32),    # fp32 in memory; typed tf32 so TMA loads it as is
+        M: T.Tensor((rows, v_heads, K, K), T.tfloat32),    # fp32 in memory, read as tf32 by the wgmma
         R: T.Tensor((rows, v_heads, K, K), ACC),
         keep: T.Tensor((rows, v_heads), ACC),
         h0: T.Tensor((num_seqs, v_heads, K, K), ACC),
@@ -32,7 +32,9 @@ def segment_scan_kernel(K: int, BV: int, threads: int = 128):
             MS = T.alloc_fragment((K, BV), ACC)
             v0 = bv * BV
             T.copy(h0[n, h, :, v0:v0 + BV], S)
-            for j in T.Pipelined(max_segments, num_stages=2):     # the next M streams in (TMA) meanwhile
+            # a plain loop: TileLang's automatic warp specialisation of a pipelined loop would give the
+            # TMA producer its own copy of S (it stages S into shared memory), which never sees updates
+            for j in T.serial(max_segments):
                 seg = order[n, j]
                 T.copy(S, starts[seg, h, :, v0:v0 + BV])
                 for i, c in T.Parallel(K, BV):

@@ -29,4 +29,7 @@ def test_matches_fla(backend, varlen):
     kw = dict(initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu)
     o_ref, s_ref = fla.chunk_gated_delta_rule(q, k, v, g, beta, **kw)
     o, s = chunk_gated_delta_rule(q, k, v, g, beta, backend=backend, **kw)
-    assert rel_err(o, o_ref) <= 5e-3 and rel_err(s, s_ref) <= 5e-3
+    # the torch path computes in fp32; the kernels, like FLA's, round operands to bf16, so two
+    # implementations each within 5e-3 of the truth (tests/test_hopper_gpu.py) may differ by more
+    tol = 5e-3 if backend == "torch" else 1e-2
+    assert rel_err(o, o_ref) <= tol and rel_err(s, s_ref) <= tol

@@ -1,7 +1,24 @@
 """Planner decisions on the host: representative shapes, SM counts, segment bookkeeping."""
 import pytest
 
+from flashdelta.gated_delta_rule import planner
 from flashdelta.gated_delta_rule.planner import CHUNK, plan_forward
+
+
+@pytest.fixture(autouse=True)
+def auto_cp(monkeypatch):
+    """These tests exercise the latency model's choices, so let it choose CP."""
+    monkeypatch.setitem(planner.TUNING, "auto_context_parallel", True)
+    plan_forward.cache_clear()
+    yield
+    plan_forward.cache_clear()
+
+
+def test_auto_cp_off_by_default_until_measured_faster(monkeypatch):
+    monkeypatch.setitem(planner.TUNING, "auto_context_parallel", False)
+    plan_forward.cache_clear()
+    assert not plan_forward((32768,), 8, 128, 132).context_parallel
+    assert plan_forward((32768,), 8, 128, 132, context_parallel=True).context_parallel
 
 
 @pytest.mark.parametrize("seq_lens,hv", [((8192,) * 4, 32), ((4096,) * 8, 32), ((4096,) * 8, 64), ((8192,) * 4, 64)])

@@ -66,11 +66,14 @@ def truncatable(g, beta, k, table: SegmentTable, group: int, use_qk_l2norm: bool
         k2 = k2 / (k2 + 1e-6)
     bk = beta.float() * k2.repeat_interleave(group, dim=1)
     bad = ((bk < 0) | (bk > 2)).double()
-    zero = g.new_zeros(1, g.shape[1], dtype=torch.float64)
-    G = torch.cat([zero, g.double().cumsum(0)])
-    B = torch.cat([zero, bad.cumsum(0)])
-    decay = G[table.ends] - G[table.starts]
-    violations = B[table.ends] - B[table.starts]
+    # prefix sums along time as contiguous [HV, T] rows: a CUDA scan over the leading dim of [T, HV]
+    # runs one serial thread per column -- the likely cause of the 0.36 us per token that the CP
+    # forward measured on an H100 with that layout (not yet re-measured with this one)
+    zero = g.new_zeros(g.shape[1], 1, dtype=torch.float64)
+    G = torch.cat([zero, g.double().t().contiguous().cumsum(1)], dim=1)
+    B = torch.cat([zero, bad.t().contiguous().cumsum(1)], dim=1)
+    decay = (G[:, table.ends] - G[:, table.starts]).t()
+    violations = (B[:, table.ends] - B[:, table.starts]).t()
     return (decay <= -tau) & (violations == 0)
 
 

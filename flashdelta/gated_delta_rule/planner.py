@@ -30,6 +30,10 @@ TUNING = {
     "cp_passes": 2.0,              # warm-up (state-only, cheaper) + output pass, in output-pass steps
     "scan_cost_per_segment": 0.5,  # one M S + R step of the segment scan, in chunk steps
     "min_segment_chunks": 4,       # shorter segments spend more on warm-up/scan than they save
+    # context_parallel=None chooses CP only when this is on. Off: the CP forward has not yet been
+    # measured faster than the unsplit one (H100, 2026-11-25: 11.9 ms vs 1.8 ms at 1x32768 hv8, with
+    # a since-replaced serial prefix sum; see benchmarks/results/H100-fwd.md).
+    "auto_context_parallel": False,
 }
 
 
@@ -68,9 +72,12 @@ def plan_forward(seq_lens: tuple[int, ...], v_heads: int, v_dim: int, sm_count: 
                  context_parallel: bool | int | None = None) -> Plan:
     """The fastest modelled layout for these per-sequence lengths (a pure function: cached).
 
-    ``context_parallel``: None lets the model choose; False never splits; True always splits (best
-    modelled segment length); an int forces that many chunks per segment.
+    ``context_parallel``: None lets the model choose (if ``TUNING["auto_context_parallel"]``, else
+    no split); False never splits; True always splits (best modelled segment length); an int forces
+    that many chunks per segment.
     """
+    if context_parallel is None and not TUNING["auto_context_parallel"]:
+        context_parallel = False
     seq_chunks = tuple(-(-n // CHUNK) for n in seq_lens)
     longest = max(seq_chunks, default=0)
     tiles = [t for t in sorted(TUNING["step_cost"], reverse=True) if t <= max(v_dim, 64)]

@@ -7,7 +7,6 @@ Writes full logs under $OUT (or ./bench-out) and prints a short table last.
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -18,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from flashdelta.bench import timing  # noqa: E402
 from flashdelta.gated_delta_rule.hopper import forward as hopper  # noqa: E402
 from flashdelta.gated_delta_rule.naive import naive_gated_delta_rule  # noqa: E402
 
@@ -128,32 +128,13 @@ def checks():
     return ok
 
 
-def timed(fn, graph: bool, iters=30):
-    fn()
-    torch.cuda.synchronize()
-    if graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        gr = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(gr):
-            fn()
-        run = gr.replay
-    else:
-        run = fn
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+TIMING_BUDGET = timing.Budget(seconds=0.2, min_reps=30)
+
+
+def timed(fn, graph: bool):
+    """Median ms of ``fn`` by CUDA-graph replay or eagerly: the benchmark tool's timers."""
+    measure = timing.graph if graph else timing.eager
+    return measure(lambda _: fn(), 1, TIMING_BUDGET).median_ms
 
 
 def bench(rows, peers=True):

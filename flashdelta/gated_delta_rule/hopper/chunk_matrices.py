@@ -14,7 +14,6 @@ or without it. A0 is inverted by blocks: forward substitution on the four 16 x 1
 ``A0 = (I - M (I - M (I - M))) D`` as three tf32 tensor-core GEMMs and one more for the product with D.
 """
 
-import tilelang
 import tilelang.language as T
 
 CHUNK = 64

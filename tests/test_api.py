@@ -171,3 +171,13 @@ def test_context_parallel_option_on_torch_path():
             chunk_gated_delta_rule(**a, context_parallel=bad)
     with pytest.raises(ValueError, match="needs K == V"):
         call(context_parallel=True)
+
+
+def test_explain_names_the_path():
+    a = args()
+    assert flashdelta.explain(**a).startswith("torch (tensors are on cpu")
+    assert flashdelta.explain(**a, backend="torch") == "torch (backend='torch')"
+    b = args(B=1, T=700, H=1, HV=2, K=8, V=8, num_seqs=1)
+    assert "context parallel: 4 segments of 3 chunks" in flashdelta.explain(**b, backend="torch", context_parallel=3)
+    with pytest.raises(ValueError, match="`backend`"):
+        flashdelta.explain(**a, backend="gpu")

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 
 from .chunked import chunked_gated_delta_rule, chunked_varlen_forward
 from .cp_forward import context_parallel_forward
 from .inputs import validate
-from .planner import plan_forward
+from .planner import Plan, plan_forward
 
 logger = logging.getLogger("flashdelta")
 
@@ -60,8 +61,71 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         ``(o, final_state)``: o ``[B, T, HV, V]`` in q's dtype; final_state fp32 (float64 for float64
         inputs) or None.
     """
+    state_v_first = _state_v_first(state_v_first, kwargs)
+    problem, route = _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
+                             context_parallel, kwargs)
+    scale = problem.k_dim ** -0.5 if scale is None else float(scale)
+    args = (q, k, v, g, beta, scale, initial_state, bool(output_final_state), bool(use_qk_l2norm_in_kernel))
+    batched = cu_seqlens is None
+
+    if route.kernels:
+        from .hopper.context_parallel import hopper_cp_forward
+        from .hopper.forward import hopper_forward
+        if route.plan.context_parallel:
+            run = _forward_only(hopper_cp_forward, route.needs_grad)
+            return run(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan)
+        run = _forward_only(hopper_forward, route.needs_grad)
+        return run(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan.v_tile)
+
+    logger.debug("flashdelta: %s", route)
+    if route.plan is not None:
+        return context_parallel_forward(chunked_varlen_forward, *args, problem, batched, state_v_first, route.plan)
+    return chunked_gated_delta_rule(*args, problem, batched=batched, state_v_first=state_v_first)
+
+
+def explain(q, k, v, g, beta, initial_state=None, cu_seqlens=None, state_v_first=False, backend="auto",
+            context_parallel=None, **kwargs) -> str:
+    """Which path ``chunk_gated_delta_rule`` takes for these arguments, and why (host work only).
+
+    E.g. ``"tilelang, unsplit, V tile 128"``, ``"tilelang, context parallel: 16 segments of 32
+    chunks, V tile 128"`` or ``"torch (tensors are on cpu, ...)"``.
+    """
+    state_v_first = _state_v_first(state_v_first, kwargs)
+    kwargs = {n: x for n, x in kwargs.items() if n not in ("scale", "output_final_state", "use_qk_l2norm_in_kernel")}
+    return str(_decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend, context_parallel,
+                       kwargs)[1])
+
+
+@dataclass(frozen=True)
+class Route:
+    """The decision for one call: kernels (with their layout) or the PyTorch path (and why)."""
+
+    kernels: bool
+    plan: Plan | None          # kernels: always; torch path: a CP plan when one was asked for
+    needs_grad: bool
+    reason: str = ""           # why the PyTorch path
+
+    def __str__(self):
+        if self.kernels:
+            return "tilelang, " + _describe_plan(self.plan)
+        return f"torch ({self.reason})" + (", " + _describe_plan(self.plan) if self.plan else "")
+
+
+def _describe_plan(plan: Plan) -> str:
+    if plan.context_parallel:
+        return (f"context parallel: {len(plan.segments)} segments of {plan.segment_chunks} chunks, "
+                f"V tile {plan.v_tile}")
+    return f"unsplit, V tile {plan.v_tile}"
+
+
+def _state_v_first(state_v_first, kwargs) -> bool:
     if "transpose_state_layout" in kwargs:       # FLA's deprecated name for state_v_first
         state_v_first = state_v_first or bool(kwargs.pop("transpose_state_layout"))
+    return bool(state_v_first)
+
+
+def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend, context_parallel, kwargs):
+    """Validate everything and choose the path: (problem, Route). Raises on bad arguments."""
     _check_kwargs(kwargs)
     if backend not in BACKENDS:
         raise ValueError(f"`backend`: expected one of {BACKENDS}, got {backend!r}")
@@ -69,50 +133,29 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
             or (isinstance(context_parallel, int) and context_parallel >= 1)):
         raise ValueError(f"`context_parallel`: expected None, a bool or a positive int, got {context_parallel!r}")
     problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, kwargs.get("cu_seqlens_cpu"), state_v_first)
-    if scale is None:
-        scale = problem.k_dim ** -0.5
-
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
-    args = (q, k, v, g, beta, float(scale), initial_state, bool(output_final_state), bool(use_qk_l2norm_in_kernel))
+
+    reason = "backend='torch'"
     if backend != "torch":
         reason = _tilelang_unavailable(q, v, problem)
         if reason is None and backend == "auto" and needs_grad:
             reason = "the TileLang backward is not implemented yet"
         if reason is None:
-            return _run_kernels(args, problem, cu_seqlens, bool(state_v_first), context_parallel, needs_grad)
+            plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, _sm_count(q.device),
+                                context_parallel)
+            return problem, Route(True, plan, needs_grad)
         if backend == "tilelang":
             raise RuntimeError(f"backend='tilelang' cannot run this call: {reason}")
-        logger.debug("flashdelta: torch path (%s)", reason)
-
+    plan = None
     if context_parallel is not None and context_parallel is not False:   # torch path: only when asked for
         plan = _plan(problem, context_parallel, sm_count=1)
-        if plan is not None:
-            return context_parallel_forward(chunked_varlen_forward, *args, problem, cu_seqlens is None,
-                                            bool(state_v_first), plan)
-    return chunked_gated_delta_rule(*args, problem, batched=cu_seqlens is None, state_v_first=bool(state_v_first))
-
-
-def _run_kernels(args, problem, cu_seqlens, state_v_first, context_parallel, needs_grad):
-    """The Hopper path: unsplit, or context-parallel when the planner (or the caller) says so."""
-    from .hopper.context_parallel import hopper_cp_forward
-    from .hopper.forward import hopper_forward
-
-    plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, _sm_count(args[0].device), context_parallel)
-    if plan.context_parallel:
-        run = _forward_only(hopper_cp_forward, needs_grad)
-        return run(*args, cu_seqlens, problem.seq_lens, state_v_first, plan)
-    run = _forward_only(hopper_forward, needs_grad)
-    return run(*args, cu_seqlens, problem.seq_lens, state_v_first, plan.v_tile)
+    return problem, Route(False, plan, needs_grad, reason)
 
 
 def _plan(problem, context_parallel, sm_count):
-    """The CP plan for this call, or None to run unsplit."""
-    if context_parallel is False:
-        return None
+    """The CP plan the caller asked for on the PyTorch path, or None when it splits nothing."""
     if problem.k_dim != problem.v_dim:
-        if context_parallel is None:
-            return None
         raise ValueError(f"`context_parallel`: needs K == V, got K={problem.k_dim}, V={problem.v_dim}")
     plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, sm_count, context_parallel)
     return plan if plan.context_parallel else None

@@ -137,6 +137,34 @@ def timed(fn, graph: bool):
     return measure(lambda _: fn(), 1, TIMING_BUDGET).median_ms
 
 
+def cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf):
+    """The context-parallel forward's launches alone (planner's plan), for the time breakdown."""
+    from flashdelta.gated_delta_rule.context_parallel import TRUNCATION_TAU
+    from flashdelta.gated_delta_rule.cp_forward import SegmentTable, truncatable
+    from flashdelta.gated_delta_rule.hopper.context_parallel import scan_kernel
+    from flashdelta.gated_delta_rule.planner import plan_forward
+
+    dev = flat[0].device
+    plan = plan_forward(tuple(lens), HV, 128, torch.cuda.get_device_properties(dev).multi_processor_count, True)
+    table = SegmentTable.build(plan, tuple(lens), None if varlen else lens[0], dev)
+    S, tok = len(table.seq_lens), flat[0].shape[0]
+    gf, bf = g.view(tok, HV), beta.view(tok, HV)
+    ends = torch.empty(2 * (S + 1), HV, 128 * 128, dtype=torch.float32, device=dev)
+    keep = torch.ones(S + 1, HV, dtype=torch.float32, device=dev)
+    h0 = torch.zeros(len(lens), HV, 128, 128, dtype=torch.float32, device=dev)
+    starts = torch.empty(S + 1, HV, 128, 128, dtype=torch.float32, device=dev)
+    log(f"cp plan: {S} segments of {plan.segment_chunks} chunks, V tile {plan.v_tile}")
+    return {
+        "cp warm-up R+M": lambda: hopper.recur(*flat, *mats, table.spans, None, o_buf, ends, False, plan.v_tile,
+                                               store_o=False, transitions=True),
+        "cp truncation": lambda: truncatable(gf, bf, flat[1], table, HV // H, False, TRUNCATION_TAU),
+        "cp scan": lambda: scan_kernel()(ends[S + 1:].view(S + 1, HV, 128, 128), ends[:S + 1].view(S + 1, HV, 128, 128),
+                                         keep, h0, table.order, starts),
+        "cp output pass": lambda: hopper.recur(*flat, *mats, table.spans, starts.view(S + 1, HV, -1), o_buf, None,
+                                               False, plan.v_tile),
+    }
+
+
 def bench(rows, peers=True):
     fla_fwd = fqla_fwd = None
     if peers:
@@ -153,6 +181,7 @@ def bench(rows, peers=True):
     configs = [("4x8192 hk16/hv32", [8192] * 4, 16, 32, False),
                ("1x32768 hk2/hv8", [32768], 2, 8, False),
                ("varlen 8x4096 hk4/hv16", [4096] * 8, 4, 16, True)]
+    few_ctas = "1x32768 hk2/hv8"            # where context parallelism should pay: also time its parts
     for name, lens, H, HV, varlen in configs:
         q, k, v, g, beta, s0, cu = inputs(lens, H, HV, varlen=varlen, protocol=True)
         scale = 128 ** -0.5
@@ -165,6 +194,11 @@ def bench(rows, peers=True):
             "ours(api)": lambda: ours_api(q, k, v, g, beta, scale=scale, initial_state=s0, output_final_state=True,
                                           cu_seqlens=cu, cu_seqlens_cpu=cu_cpu, backend="tilelang"),
         }
+        if name == few_ctas:
+            for L in (None, 16, 32, 64):   # None: the planner's segment length
+                cands[f"ours(api,CP L={L or 'plan'})"] = lambda L=L: ours_api(
+                    q, k, v, g, beta, scale=scale, initial_state=s0, output_final_state=True, cu_seqlens=cu,
+                    cu_seqlens_cpu=cu_cpu, backend="tilelang", context_parallel=L or True)
         if fla_fwd is not None:
             cands["fla"] = lambda: fla_fwd(q, k, v, g, beta, scale=scale, initial_state=s0,
                                            output_final_state=True, cu_seqlens=cu)
@@ -182,8 +216,14 @@ def bench(rows, peers=True):
         parts = {"prepare": lambda: hopper.prepare(*flat[:2], g, beta, chunks, HV, scale, False)}
         for bv in hopper.V_TILES:
             parts[f"recur BV={bv}"] = lambda bv=bv: hopper.recur(*flat, *mats, seqs, h0f, o_buf, ht_buf, False, bv)
+        if name == few_ctas:
+            parts.update(cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf))
         for pname, fn in parts.items():
-            t = timed(fn, True)
+            try:
+                t = timed(fn, True)
+            except Exception:
+                log(f"bench {name} part {pname} ERROR\n{traceback.format_exc()}")
+                continue
             rows.append((name, "  " + pname, float("nan"), t, 0.0, ""))
             log(f"bench {name:24s}   {pname:16s} graph {t:.3f} ms")
         ref = None

@@ -217,7 +217,10 @@ def bench(rows, peers=True):
         for bv in hopper.V_TILES:
             parts[f"recur BV={bv}"] = lambda bv=bv: hopper.recur(*flat, *mats, seqs, h0f, o_buf, ht_buf, False, bv)
         if name == few_ctas:
-            parts.update(cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf))
+            try:
+                parts.update(cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf))
+            except Exception:
+                log(f"bench {name} cp parts ERROR\n{traceback.format_exc()}")
         for pname, fn in parts.items():
             try:
                 t = timed(fn, True)

@@ -181,3 +181,13 @@ def test_explain_names_the_path():
     assert "context parallel: 4 segments of 3 chunks" in flashdelta.explain(**b, backend="torch", context_parallel=3)
     with pytest.raises(ValueError, match="`backend`"):
         flashdelta.explain(**a, backend="gpu")
+
+
+def test_kernel_outputs_refuse_backward_until_it_exists():
+    from flashdelta.gated_delta_rule.api import _forward_only
+    fake_kernel = lambda q, k, v, g, beta, scale, h0, *rest: (q * 2, None)
+    a = {n: x.requires_grad_() for n, x in args().items()}
+    o, s = _forward_only(fake_kernel, True)(a["q"], a["k"], a["v"], a["g"], a["beta"], 1.0, a["initial_state"])
+    assert s is None and o.requires_grad
+    with pytest.raises(NotImplementedError, match="TileLang backward"):
+        o.sum().backward()

@@ -140,7 +140,7 @@ def timed(fn, graph: bool):
 def cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf):
     """The context-parallel forward's launches alone (planner's plan), for the time breakdown."""
     from flashdelta.gated_delta_rule.context_parallel import TRUNCATION_TAU
-    from flashdelta.gated_delta_rule.cp_forward import SegmentTable, truncatable
+    from flashdelta.gated_delta_rule.segments import SegmentTable, truncatable
     from flashdelta.gated_delta_rule.hopper.context_parallel import scan_kernel
     from flashdelta.gated_delta_rule.planner import plan_forward
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunked import chunked_gated_delta_rule, chunked_varlen_forward
-from .cp_forward import context_parallel_forward
+from .chunked import chunked_gated_delta_rule
+from .context_parallel import TRUNCATION_TAU
 from .inputs import validate
 from .planner import Plan, plan_forward
 
@@ -78,9 +78,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         return run(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan.v_tile)
 
     logger.debug("flashdelta: %s", route)
-    if route.plan is not None:
-        return context_parallel_forward(chunked_varlen_forward, *args, problem, batched, state_v_first, route.plan)
-    return chunked_gated_delta_rule(*args, problem, batched=batched, state_v_first=state_v_first)
+    segments = {} if route.plan is None else {"segment_chunks": route.plan.segment_chunks,
+                                              "truncate_below": TRUNCATION_TAU}
+    return chunked_gated_delta_rule(*args, problem, batched=batched, state_v_first=state_v_first, **segments)
 
 
 def explain(q, k, v, g, beta, initial_state=None, cu_seqlens=None, state_v_first=False, backend="auto",

@@ -187,12 +187,3 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, outp
         final = S.transpose(-1, -2) if state_v_first else S
         final = final.contiguous()
     return o, final
-
-
-
-def chunked_varlen_forward(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,
-                           use_qk_l2norm_in_kernel: bool, cu_seqlens, seq_lens: tuple[int, ...], state_v_first: bool):
-    """The torch path behind the kernels' varlen signature (``hopper_forward``'s), for shared drivers."""
-    problem = Problem(1, q.shape[1], q.shape[2], v.shape[2], q.shape[3], v.shape[3], tuple(seq_lens))
-    return chunked_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state,
-                                    use_qk_l2norm_in_kernel, problem, False, state_v_first)

@@ -18,7 +18,7 @@ import functools
 import torch
 
 from ..context_parallel import TRUNCATION_TAU
-from ..cp_forward import SegmentTable, truncatable
+from ..segments import SegmentTable, truncatable
 from .forward import DTYPES, _compile, _tables, prepare, recur
 from .segment_scan import segment_scan_kernel
 

@@ -1,0 +1,68 @@
+"""The kernel branch of the dispatch, on the CPU: the Hopper entry points are replaced by the PyTorch
+path, so what is checked is that every argument reaches them and their results come back."""
+import pytest
+import torch
+
+import flashdelta
+from flashdelta.gated_delta_rule import api
+from flashdelta.gated_delta_rule.chunked import chunked_gated_delta_rule
+from flashdelta.gated_delta_rule.inputs import Problem
+from helpers import make_inputs, rel_err
+
+pytest.importorskip("tilelang")
+from flashdelta.gated_delta_rule.hopper import context_parallel as hopper_cp  # noqa: E402
+from flashdelta.gated_delta_rule.hopper import forward as hopper_fwd  # noqa: E402
+
+
+def as_torch(q, k, v, g, beta, scale, h0, final, l2, cu, seq_lens, v_first, **segments):
+    problem = Problem(q.shape[0], q.shape[1], q.shape[2], v.shape[2], q.shape[3], v.shape[3], tuple(seq_lens))
+    return chunked_gated_delta_rule(q, k, v, g, beta, scale, h0, final, l2, problem, cu is None, v_first, **segments)
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    calls = []
+
+    def fake_forward(*a, v_tile=128):
+        calls.append(("unsplit", v_tile))
+        return as_torch(*a)
+
+    def fake_cp(*a):
+        *a, plan = a
+        calls.append(("cp", plan.segment_chunks))
+        return as_torch(*a, segment_chunks=plan.segment_chunks)
+
+    monkeypatch.setattr(api, "_tilelang_unavailable", lambda *a: None)
+    monkeypatch.setattr(api, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(hopper_fwd, "hopper_forward", lambda *a: fake_forward(*a[:-1], v_tile=a[-1]))
+    monkeypatch.setattr(hopper_cp, "hopper_cp_forward", fake_cp)
+    return calls
+
+
+@pytest.mark.parametrize("context_parallel", [None, 3])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_kernel_branch_threads_every_argument(kernels, context_parallel, varlen):
+    gen = torch.Generator().manual_seed(0)
+    B, T = (1, 700) if varlen else (2, 350)
+    q, k, v, g, beta, h0 = make_inputs(B, T, 1, 2, 8, 8, generator=gen, num_seqs=2)
+    h0 = h0.transpose(-1, -2).contiguous()
+    kw = dict(scale=0.3, initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True,
+              state_v_first=True, cu_seqlens=torch.tensor([0, 300, 700]) if varlen else None)
+    with torch.no_grad():
+        assert flashdelta.explain(q, k, v, g, beta, initial_state=h0, cu_seqlens=kw["cu_seqlens"],
+                                  context_parallel=context_parallel).startswith("tilelang")
+        o, s = flashdelta.chunk_gated_delta_rule(q, k, v, g, beta, context_parallel=context_parallel, **kw)
+    o_ref, s_ref = flashdelta.chunk_gated_delta_rule(q, k, v, g, beta, backend="torch", **kw)
+    assert [c[0] for c in kernels] == ["cp" if context_parallel else "unsplit"]
+    assert context_parallel is None or kernels[0][1] == context_parallel
+    assert rel_err(o, o_ref) <= 1e-10 and rel_err(s, s_ref) <= 1e-10
+
+
+def test_gradients_take_the_torch_path_under_auto(kernels):
+    q, k, v, g, beta, h0 = make_inputs(1, 100, 1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    q.requires_grad_()
+    o, _ = flashdelta.chunk_gated_delta_rule(q, k, v, g, beta)
+    o.sum().backward()
+    assert kernels == [] and q.grad is not None
+    flashdelta.chunk_gated_delta_rule(q, k, v, g, beta, backend="tilelang")
+    assert [c[0] for c in kernels] == ["unsplit"]

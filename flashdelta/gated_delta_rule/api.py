@@ -149,16 +149,12 @@ def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
             raise RuntimeError(f"backend='tilelang' cannot run this call: {reason}")
     plan = None
     if context_parallel is not None and context_parallel is not False:   # torch path: only when asked for
-        plan = _plan(problem, context_parallel, sm_count=1)
+        # K == V as on the kernels, so that the PyTorch path stays their specification
+        if problem.k_dim != problem.v_dim:
+            raise ValueError(f"`context_parallel`: needs K == V, got K={problem.k_dim}, V={problem.v_dim}")
+        plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, 1, context_parallel)
+        plan = plan if plan.context_parallel else None
     return problem, Route(False, plan, needs_grad, reason)
-
-
-def _plan(problem, context_parallel, sm_count):
-    """The CP plan the caller asked for on the PyTorch path, or None when it splits nothing."""
-    if problem.k_dim != problem.v_dim:
-        raise ValueError(f"`context_parallel`: needs K == V, got K={problem.k_dim}, V={problem.v_dim}")
-    plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, sm_count, context_parallel)
-    return plan if plan.context_parallel else None
 
 
 def _check_kwargs(kwargs):

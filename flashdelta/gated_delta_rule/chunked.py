@@ -16,7 +16,7 @@ from functools import lru_cache
 
 import torch
 
-from .inputs import Problem
+from .inputs import Problem, sequence_starts
 from .naive import l2norm
 
 CHUNK = 64
@@ -123,7 +123,7 @@ class ChunkLayout:
         width = num_chunks * CHUNK
         pos = torch.arange(width)
         lens = torch.tensor(seq_lens, dtype=torch.long)
-        starts = torch.arange(len(seq_lens)) * batched_len if batched_len is not None else lens.cumsum(0) - lens
+        starts = torch.tensor(sequence_starts(seq_lens, batched_len), dtype=torch.long)
         total = int(lens.sum()) if batched_len is None else batched_len * len(seq_lens)
         inside = pos[None, :] < lens[:, None]
         source = torch.where(inside, starts[:, None] + pos[None, :], torch.full_like(inside, total, dtype=torch.long))

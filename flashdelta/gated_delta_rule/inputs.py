@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -74,6 +75,14 @@ def sequence_lengths(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | No
             del _lengths_cache[key]
     _lengths_cache[key] = (weakref.ref(cu_seqlens, forget), cu_seqlens._version, lens)
     return lens
+
+
+def sequence_starts(seq_lens: tuple[int, ...], batched_len: int | None) -> list[int]:
+    """First token of each sequence on the flattened [B*T] token axis: n * T for a dense batch
+    (``batched_len`` = T), else packed back to back (varlen)."""
+    if batched_len is not None:
+        return [n * batched_len for n in range(len(seq_lens))]
+    return [0, *accumulate(seq_lens)][:-1]
 
 
 def _diff(offsets: list[int]) -> tuple[int, ...]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import accumulate
 
 import torch
 
+from .inputs import sequence_starts
 from .planner import Plan
 
 
@@ -31,8 +31,7 @@ class SegmentTable:
     @staticmethod
     @lru_cache(maxsize=64)
     def build(plan: Plan, seq_lens: tuple[int, ...], batched_len: int | None, device: torch.device):
-        offsets = [n * batched_len for n in range(len(seq_lens))] if batched_len is not None else \
-            [0, *accumulate(seq_lens)][:-1]
+        offsets = sequence_starts(seq_lens, batched_len)
         starts = [offsets[n] + s for n, s, _ in plan.segments]
         lens = [t for _, _, t in plan.segments]
         S = len(lens)

@@ -11,6 +11,7 @@ import functools
 import tilelang
 import torch
 
+from ..inputs import sequence_starts
 from .chunk_matrices import CHUNK, chunk_matrices_kernel
 from .chunk_recurrence import chunk_recurrence_kernel
 
@@ -70,10 +71,7 @@ def _tables(seq_lens: tuple[int, ...], stride: int | None, device: torch.device)
 
     ``stride``: batched layout (sequence n starts at n * stride); None = packed back to back.
     """
-    starts, pos = [], 0
-    for n, L in enumerate(seq_lens):
-        starts.append(n * stride if stride is not None else pos)
-        pos += L
+    starts = sequence_starts(seq_lens, stride)
     seqs = [x for s, L in zip(starts, seq_lens) for x in (s, L)]
     chunks = [x for s, L in zip(starts, seq_lens) for c in range(0, L, CHUNK) for x in (s + c, min(CHUNK, L - c))]
     return _to_device(seqs, device), _to_device(chunks, device)

@@ -140,7 +140,7 @@ def timed(fn, graph: bool):
 def cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf):
     """The context-parallel forward's launches alone (planner's plan), for the time breakdown."""
     from flashdelta.gated_delta_rule.context_parallel import TRUNCATION_TAU
-    from flashdelta.gated_delta_rule.segments import SegmentTable, truncatable
+    from flashdelta.gated_delta_rule.segments import SegmentTable, warmup_spans
     from flashdelta.gated_delta_rule.hopper.context_parallel import scan_kernel
     from flashdelta.gated_delta_rule.planner import plan_forward
 
@@ -149,15 +149,19 @@ def cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf):
     table = SegmentTable.build(plan, tuple(lens), None if varlen else lens[0], dev)
     S, tok = len(table.seq_lens), flat[0].shape[0]
     gf, bf = g.view(tok, HV), beta.view(tok, HV)
+    ag, p, coef = mats
     ends = torch.empty(2 * (S + 1), HV, 128 * 128, dtype=torch.float32, device=dev)
-    keep = torch.ones(S + 1, HV, dtype=torch.float32, device=dev)
+    spans, keep = warmup_spans(gf, bf, flat[1], table, HV // H, False, TRUNCATION_TAU)
     h0 = torch.zeros(len(lens), HV, 128, 128, dtype=torch.float32, device=dev)
     starts = torch.empty(S + 1, HV, 128, 128, dtype=torch.float32, device=dev)
-    log(f"cp plan: {S} segments of {plan.segment_chunks} chunks, V tile {plan.v_tile}")
+    r_chunks = (spans[..., 1] + 63) // 64
+    m_chunks = (spans[..., 3] + 63) // 64
+    log(f"cp plan: {S} segments of {plan.segment_chunks} chunks, V tile {plan.v_tile}; warm-up chunk steps "
+        f"R {int(r_chunks.sum())} (longest {int(r_chunks.max())}), M {int(m_chunks.sum())}; "
+        f"kept M {int(keep.sum())} of {keep.numel()}")
     return {
-        "cp warm-up R+M": lambda: hopper.recur(*flat, *mats, table.spans, None, o_buf, ends, False, plan.v_tile,
-                                               store_o=False, transitions=True),
-        "cp truncation": lambda: truncatable(gf, bf, flat[1], table, HV // H, False, TRUNCATION_TAU),
+        "cp warm-up spans": lambda: warmup_spans(gf, bf, flat[1], table, HV // H, False, TRUNCATION_TAU),
+        "cp warm-up": lambda: hopper.warmup(*flat, ag, coef, spans, ends, plan.v_tile),
         "cp scan": lambda: scan_kernel()(ends[S + 1:].view(S + 1, HV, 128, 128), ends[:S + 1].view(S + 1, HV, 128, 128),
                                          keep, h0, table.order, starts),
         "cp output pass": lambda: hopper.recur(*flat, *mats, table.spans, starts.view(S + 1, HV, -1), o_buf, None,
@@ -254,11 +258,48 @@ def bench(rows, peers=True):
                 log(f"bench {name} {cname} ERROR\n{traceback.format_exc()}")
 
 
+def tune(path):
+    """Forced layouts (unsplit / CP with L chunks per segment) x V tiles on few-CTA shapes: the data the
+    planner's TUNING constants are fitted to. Writes {config: {layout: graph ms}} to ``path``."""
+    from flashdelta.gated_delta_rule.hopper.context_parallel import hopper_cp_forward
+    from flashdelta.gated_delta_rule.planner import Plan, _segments, plan_forward
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    heads = [(2, 8), (4, 16), (8, 32), (16, 64)]
+    lengths = [[32768], [8192], [2048], [28672, 4096], [1024, 7168], [2048] * 4]
+    results = {}
+    for H, HV in heads:
+        for lens in lengths:
+            q, k, v, g, beta, s0, cu = inputs(lens, H, HV, varlen=True, protocol=True)
+            seq, scale = tuple(lens), 128 ** -0.5
+            name = f"{'+'.join(map(str, lens))} hk{H}/hv{HV}"
+            row = {}
+            for bv in hopper.V_TILES:
+                row[f"unsplit BV={bv}"] = timed(lambda bv=bv: hopper.hopper_forward(
+                    q, k, v, g, beta, scale, s0, True, False, cu, seq, False, v_tile=bv), True)
+                for L in (4, 8, 16, 32, 64):
+                    if L * 64 >= max(lens):
+                        continue
+                    plan = Plan(bv, L, _segments(seq, L))
+                    row[f"CP L={L} BV={bv}"] = timed(lambda plan=plan: hopper_cp_forward(
+                        q, k, v, g, beta, scale, s0, True, False, cu, seq, False, plan), True)
+            chosen = plan_forward(seq, HV, 128, sms)
+            pick = f"CP L={chosen.segment_chunks} BV={chosen.v_tile}" if chosen.context_parallel \
+                else f"unsplit BV={chosen.v_tile}"
+            best = min(row, key=row.get)
+            results[name] = {"times": row, "planner": pick, "best": best}
+            log(f"tune {name:28s} best {best:18s} {row[best]:.3f} ms   planner {pick:18s} "
+                f"{row.get(pick, float('nan')):.3f} ms   unsplit {row['unsplit BV=128']:.3f}")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-peers", action="store_true", help="time ours only (peers compile for minutes)")
+    ap.add_argument("--tune", action="store_true", help="time forced layouts for the planner (tune.json)")
     args = ap.parse_args()
     log("device:", torch.cuda.get_device_name(), "torch", torch.__version__)
     t = time.perf_counter()
@@ -268,6 +309,8 @@ def main():
     ok = True
     if not args.skip_check:
         ok = checks()
+    if args.tune:
+        tune(os.path.join(OUT, "tune.json"))
     rows = []
     if not args.skip_bench:
         bench(rows, peers=not args.skip_peers)

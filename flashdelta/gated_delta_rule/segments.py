@@ -3,8 +3,14 @@
 The kernels' CP forward (``hopper/context_parallel.py``) runs a plan's segments as independent
 sequences of the packed token axis. This module holds what it needs that is plain PyTorch -- and so
 is tested on the CPU against the chunk-layout specification in ``context_parallel``: the segment
-table (built once per plan, on the host) and the per-(segment, head) truncation decision (device ops,
-no synchronisation).
+table (built once per plan, on the host) and the warm-up spans (device ops, no synchronisation).
+
+Warm-up windows. Where segment j may be truncated (its summed log-decay G_j <= -tau and
+0 <= beta |k|^2 <= 2 on all its tokens), the state leaving it is taken as the state reached from
+zero over its shortest chunk-aligned suffix whose decay is already <= -tau: what is dropped is that
+suffix's transition applied to the true state at the suffix's start, at most e^-tau of its norm
+(the bound of ``context_parallel``, with the window in place of the segment). With g = -0.05 per
+token a window is ~4 chunks, so the warm-up of a decaying head costs a few chunk steps, whatever L.
 """
 from __future__ import annotations
 
@@ -14,18 +20,18 @@ from functools import lru_cache
 import torch
 
 from .inputs import sequence_starts
-from .planner import Plan
+from .planner import CHUNK, Plan
 
 
 @dataclass(frozen=True)
 class SegmentTable:
     """Device-side bookkeeping of a plan's segments (built once per plan and device)."""
 
-    starts: torch.Tensor          # [S] first token of each segment, int64
-    ends: torch.Tensor            # [S] one past its last token, int64
     order: torch.Tensor           # [N, J] int32 segment index of the j-th segment of sequence n; S = "none"
     last: torch.Tensor            # [N] index of each sequence's last segment; S = "none"
     spans: torch.Tensor           # [S + 1, 2] int32 (first token, length); the last row is the empty "none"
+    tokens: torch.Tensor          # [S, L, CHUNK] int64 token index by chunk of each segment; padding = T
+    is_last: torch.Tensor         # [S] bool: the last segment of its sequence (its R and M are never used)
     seq_lens: tuple[int, ...]     # host lengths of the segments
 
     @staticmethod
@@ -41,28 +47,44 @@ class SegmentTable:
         J = max((len(p) for p in per_seq), default=0)
         order = [p + [S] * (J - len(p)) for p in per_seq]
         last = [p[-1] if p else S for p in per_seq]
+        total = len(seq_lens) * batched_len if batched_len is not None else sum(seq_lens)
+        offset = torch.arange(plan.segment_chunks * CHUNK).view(1, plan.segment_chunks, CHUNK)
+        first, count = torch.tensor(starts).view(S, 1, 1), torch.tensor(lens).view(S, 1, 1)
+        tokens = torch.where(offset < count, first + offset, total)
 
         def dev(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype).to(device)
-        return SegmentTable(dev(starts), dev([s + t for s, t in zip(starts, lens)]),
-                            dev(order, torch.int32).reshape(len(seq_lens), J), dev(last),
-                            dev([[s, t] for s, t in zip(starts, lens)] + [[0, 0]], torch.int32), tuple(lens))
+            return torch.as_tensor(x, dtype=dtype).to(device)
+        return SegmentTable(dev(order, torch.int32).reshape(len(seq_lens), J), dev(last),
+                            dev([[s, t] for s, t in zip(starts, lens)] + [[0, 0]], torch.int32),
+                            dev(tokens), dev([i in set(last) for i in range(S)], torch.bool), tuple(lens))
 
 
-def truncatable(g, beta, k, table: SegmentTable, group: int, use_qk_l2norm: bool, tau: float):
-    """[S, HV] bool: where segment j's transition may be dropped (its norm bound <= e^-tau)."""
-    g, beta = g.reshape(-1, g.shape[-1]), beta.reshape(-1, beta.shape[-1])       # [T, HV]
+def warmup_spans(g, beta, k, table: SegmentTable, group: int, use_qk_l2norm: bool, tau: float):
+    """What the warm-up computes per (segment, value head), and how the scan combines it.
+
+    Returns ``spans`` [S + 1, HV, 4] int32 -- (R first token, R length, M first token, M length):
+    the whole segment for both where it cannot be truncated, the window for R and nothing for M
+    where it can, nothing for a sequence's last segment (unused) nor the "none" row -- and ``keep``
+    [S + 1, HV] float32, 1 where the scan applies M (0 where truncated or unused).
+    """
+    HV = g.shape[-1]
+    pad = lambda x: torch.cat([x.reshape(-1, HV), x.new_zeros(1, HV)])          # row T: padding
+    decay = pad(g.double())[table.tokens].sum(2)                                 # [S, L, HV] per chunk
     k2 = k.reshape(-1, k.shape[-2], k.shape[-1]).float().square().sum(-1)        # [T, H]
     if use_qk_l2norm:
         k2 = k2 / (k2 + 1e-6)
-    bk = beta.float() * k2.repeat_interleave(group, dim=1)
-    bad = ((bk < 0) | (bk > 2)).double()
-    # prefix sums along time as contiguous [HV, T] rows: a CUDA scan over the leading dim of [T, HV]
-    # runs one serial thread per column -- the likely cause of the 0.36 us per token that the CP
-    # forward measured on an H100 with that layout (not yet re-measured with this one)
-    zero = g.new_zeros(g.shape[1], 1, dtype=torch.float64)
-    G = torch.cat([zero, g.double().t().contiguous().cumsum(1)], dim=1)
-    B = torch.cat([zero, bad.t().contiguous().cumsum(1)], dim=1)
-    decay = (G[:, table.ends] - G[:, table.starts]).t()
-    violations = (B[:, table.ends] - B[:, table.starts]).t()
-    return (decay <= -tau) & (violations == 0)
+    bk = beta.reshape(-1, HV).float() * k2.repeat_interleave(group, dim=1)
+    violated = pad((bk < 0) | (bk > 2))[table.tokens].flatten(1, 2).any(1)       # [S, HV]
+    # suffix sums are non-increasing towards the segment's start: the chunks from which the rest of the
+    # segment decays by tau or more form a prefix; the window starts at its last chunk
+    reaching = (decay.flip(1).cumsum(1).flip(1) <= -tau).sum(1)                  # [S, HV]
+    truncate = (reaching > 0) & ~violated
+    used = ~table.is_last[:, None]
+    first, length = (x[:-1, None].long() for x in table.spans.unbind(1))         # [S, 1]
+    skip = torch.where(truncate, (reaching - 1) * CHUNK, 0)
+    r_len = (length - skip) * used
+    m_len = length * (used & ~truncate)
+    spans = torch.stack([(first + skip).expand_as(r_len), r_len, first.expand_as(m_len), m_len], dim=-1)
+    spans = torch.cat([spans, spans.new_zeros(1, HV, 4)]).int()
+    keep = torch.cat([(used & ~truncate).float(), g.new_zeros(1, HV, dtype=torch.float32)])
+    return spans, keep

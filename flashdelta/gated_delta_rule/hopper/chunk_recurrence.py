@@ -13,10 +13,12 @@ and come back as zeros). Rows past the end are neutralised by zeroing their row 
 rows never reach a valid output (Ag and P are lower triangular) or the state (c2 = 0), and their
 outputs are not stored. Lengths are dynamic: sequences come from a table of (first token, length).
 
-Context parallelism also needs each segment's transition M (the state map S -> M S + R is linear).
-With ``transitions`` the grid doubles along V: the second half of the CTAs start from identity
-columns, treat v as zero and skip the output, so their final "state" is M; they write it to
-``ht[num_seqs + n]`` while the first half write R to ``ht[n]``. One launch gives both.
+Context parallelism's warm-up (``warmup=True``) runs the state part only: no q, P or output. Its grid
+is doubled along V: the first half computes R (the state reached from zero over a token span), the
+second half starts from identity columns and treats v as zero, so its final "state" is the span's
+transition M. Spans are per (segment, value head): (R first token, R length, M first token, M length),
+so the truncation test can shorten R to a window and skip M (length 0) where the gate allows it. R is
+written to ``ht[n]``, M to ``ht[num_seqs + n]``.
 """
 import tilelang.language as T
 
@@ -24,8 +26,11 @@ CHUNK = 64
 ACC = "float32"
 
 
-def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256):
-    """The prim_func for head dims K, V, V tile BV and q/k/v dtype; lengths and head counts are dynamic."""
+def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256, warmup: bool = False):
+    """The prim_func for head dims K, V, V tile BV and q/k/v dtype; lengths and head counts are dynamic.
+
+    ``warmup``: the state-only variant (q, p, o and h0 are not read or written; ``seqs`` holds spans).
+    """
     C = CHUNK
     num_tokens = T.dynamic("num_tokens")
     qk_heads = T.dynamic("qk_heads")
@@ -33,6 +38,8 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     num_seqs = T.dynamic("num_seqs")
     h0_seqs = T.dynamic("h0_seqs")          # num_seqs, or 1 for the unused placeholder
     ht_seqs = T.dynamic("ht_seqs")
+    table = (num_seqs, v_heads, 4) if warmup else (num_seqs, 2)
+    halves = 2 if warmup else 1             # warm-up: R CTAs, then M CTAs
 
     @T.prim_func
     def chunk_recurrence(
@@ -42,25 +49,27 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
         ag: T.Tensor((num_tokens, v_heads, C), dtype),
         p: T.Tensor((num_tokens, v_heads, C), dtype),
         coef: T.Tensor((num_tokens, v_heads, 4), ACC),
-        seqs: T.Tensor((num_seqs, 2), "int32"),            # (first token, length) per sequence
+        seqs: T.Tensor(table, "int32"),        # (first token, length) per sequence; warm-up: spans
         h0: T.Tensor((h0_seqs, v_heads, K * V), ACC),
         o: T.Tensor((num_tokens, v_heads, V), dtype),
         ht: T.Tensor((ht_seqs, v_heads, K * V), ACC),
         has_h0: T.int32,
         store_ht: T.int32,
         v_first: T.int32,
-        store_o: T.int32,
-        transitions: T.int32,
     ):
         # a 3-D grid (the caller launches at most 65535 sequences at a time): a 1-D grid decoded with
         # divisions by the dynamic head count measured 8-35% slower (divisions redone in the loop)
-        with T.Kernel((V // BV) * (1 + transitions), v_heads, num_seqs, threads=threads) as (bt, h, n):
-            start = seqs[n, 0]
-            length = seqs[n, 1]
+        with T.Kernel((V // BV) * halves, v_heads, num_seqs, threads=threads) as (bt, h, n):
             hk = h // (v_heads // qk_heads)
             bv = bt % (V // BV)
-            is_m = bt // (V // BV)                         # 1: this CTA computes transition columns
+            is_m = bt // (V // BV)                         # warm-up: 1 = this CTA computes M columns
             v0 = bv * BV
+            if warmup:
+                start = seqs[n, h, 2 * is_m]
+                length = seqs[n, h, 2 * is_m + 1]
+            else:
+                start = seqs[n, 0]
+                length = seqs[n, 1]
 
             q_s = T.alloc_shared((C, K), dtype)
             k_s = T.alloc_shared((C, K), dtype)
@@ -79,9 +88,9 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             vn = T.alloc_fragment((C, BV), ACC)
             out = T.alloc_fragment((C, BV), ACC)
 
-            if is_m != 0:
+            if warmup:
                 for i, j in T.Parallel(K, BV):
-                    S[i, j] = T.if_then_else(i == v0 + j, 1.0, 0.0)
+                    S[i, j] = T.if_then_else(i == v0 + j, T.cast(is_m, ACC), 0.0)
             elif has_h0 != 0:
                 for i, j in T.Parallel(K, BV):
                     S[i, j] = T.if_then_else(v_first != 0, h0[n, h, (v0 + j) * K + i], h0[n, h, i * V + v0 + j])
@@ -92,39 +101,46 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             for c in T.Pipelined(T.ceildiv(length, C), num_stages=2):
                 t0 = start + c * C
                 rows = length - c * C                      # valid rows of this chunk (> 64 = all)
-                out_rows = rows * store_o * (1 - is_m)      # rows whose output is stored
-                T.copy(q[t0:t0 + C, hk, 0:K], q_s)
+                if not warmup:
+                    T.copy(q[t0:t0 + C, hk, 0:K], q_s)
                 T.copy(k[t0:t0 + C, hk, 0:K], k_s)
                 T.copy(v[t0:t0 + C, h, v0:v0 + BV], v_s)
                 T.copy(ag[t0:t0 + C, h, 0:C], ag_s)
-                T.copy(p[t0:t0 + C, h, 0:C], p_s)
+                if not warmup:
+                    T.copy(p[t0:t0 + C, h, 0:C], p_s)
                 T.copy(coef[t0:t0 + C, h, 0:4], cf_s)
 
                 # (the bf16 copy is made here rather than before the loop and after the update: TileLang
                 # 0.1.15's warp specialisation leaves a copy placed before the loop unguarded and
                 # unremapped, so producer threads would write into it)
                 T.copy(S, s_s)
-                # K S and Q S in flight together: the synchronous second GEMM waits for both. (Only a
-                # buffer used again later may end an asynchronous GEMM's use: the pipeline hands a
-                # buffer back to the TMA producer right after its last use is issued, not completed.)
-                T.wgmma_gemm(k_s, s_s, ks, clear_accum=True)
-                T.gemm(q_s, s_s, out, clear_accum=True)
+                if warmup:
+                    T.gemm(k_s, s_s, ks, clear_accum=True)
+                else:
+                    # K S and Q S in flight together: the synchronous second GEMM waits for both. (Only a
+                    # buffer used again later may end an asynchronous GEMM's use: the pipeline hands a
+                    # buffer back to the TMA producer right after its last use is issued, not completed.)
+                    T.wgmma_gemm(k_s, s_s, ks, clear_accum=True)
+                    T.gemm(q_s, s_s, out, clear_accum=True)
                 for i, j in T.Parallel(C, BV):
                     w_s[i, j] = v_keep * v_s[i, j] - T.if_then_else(i < rows, cf_s[i, 0], 0.0) * ks[i, j]
                 T.gemm(ag_s, w_s, vn, clear_accum=True)
                 for i, j in T.Parallel(C, BV):
-                    vn_s[i, j] = vn[i, j]
+                    if not warmup:
+                        vn_s[i, j] = vn[i, j]                      # P V' operand (output only)
                     vc_s[i, j] = vn[i, j] * T.if_then_else(i < rows, cf_s[i, 2], 0.0)
-                for i, j in T.Parallel(C, BV):
-                    out[i, j] = out[i, j] * T.if_then_else(i < rows, cf_s[i, 1], 0.0)
+                if not warmup:
+                    for i, j in T.Parallel(C, BV):
+                        out[i, j] = out[i, j] * T.if_then_else(i < rows, cf_s[i, 1], 0.0)
                 for i, j in T.Parallel(K, BV):
                     S[i, j] = S[i, j] * cf_s[0, 3]
                 T.gemm(k_s, vc_s, S, transpose_A=True)
-                T.gemm(p_s, vn_s, out)
-                T.copy(out, o_s)                                    # staged: 16-byte coalesced stores
-                for i, j in T.Parallel(C, BV):
-                    if i < out_rows:
-                        o[t0 + i, h, v0 + j] = o_s[i, j]
+                if not warmup:
+                    T.gemm(p_s, vn_s, out)
+                    T.copy(out, o_s)                                    # staged: 16-byte coalesced stores
+                    for i, j in T.Parallel(C, BV):
+                        if i < rows:
+                            o[t0 + i, h, v0 + j] = o_s[i, j]
 
             if store_ht != 0:
                 for i, j in T.Parallel(K, BV):

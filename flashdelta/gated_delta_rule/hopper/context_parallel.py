@@ -1,25 +1,23 @@
 """Context-parallel forward on Hopper (DESIGN section 3): the plan's segments run as sequences.
 
-Five launches, no host synchronisation:
+Launches, none waiting on the host:
 
 1. ``chunk_matrices`` once for all chunks (segments start on chunk boundaries, so the per-chunk
    operators are shared by both passes);
-2. ``chunk_recurrence`` over the segments from zero with ``transitions``: R_j and M_j together,
-   outputs not stored;
-3. the truncation test per (segment, head) -- a few element-wise torch ops over g, beta and |k|^2;
+2. the truncation test and warm-up spans per (segment, head) -- a few torch ops over g, beta, |k|^2
+   (``segments.warmup_spans``);
+3. ``chunk_recurrence`` in its state-only warm-up variant: R over each segment (or only its window,
+   where truncated) and M where it is needed, in one launch;
 4. ``segment_scan``: the state entering every segment;
 5. ``chunk_recurrence`` over the segments from those states: o, and each segment's final state.
-
-The segment table ends with an empty "none" segment (M = I, R = 0) that pads the scan's per-sequence
-segment lists; it costs one idle CTA per head.
 """
 import functools
 
 import torch
 
 from ..context_parallel import TRUNCATION_TAU
-from ..segments import SegmentTable, truncatable
-from .forward import DTYPES, _compile, _tables, prepare, recur
+from ..segments import SegmentTable, warmup_spans
+from .forward import DTYPES, _compile, _tables, prepare, recur, warmup
 from .segment_scan import segment_scan_kernel
 
 SCAN_V_TILE = 64
@@ -50,16 +48,16 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
         (initial_state.transpose(-1, -2) if state_v_first else initial_state).to(torch.float32).contiguous()
 
     with torch.cuda.device(dev):
-        mats = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
+        ag, p, coef = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
+        spans, keep = warmup_spans(gf, bf, kf, table, HV // H, use_qk_l2norm_in_kernel, tau)
         ends = torch.empty(2 * (S + 1), HV, K * V, dtype=torch.float32, device=dev)
-        recur(qf, kf, vf, *mats, table.spans, None, of, ends, False, plan.v_tile, store_o=False, transitions=True)
-        keep = torch.ones(S + 1, HV, dtype=torch.float32, device=dev)
-        keep[:S] = (~truncatable(gf, bf, kf, table, HV // H, use_qk_l2norm_in_kernel, tau)).float()
+        warmup(qf, kf, vf, ag, coef, spans, ends, plan.v_tile)
         starts = torch.empty(S + 1, HV, K, V, dtype=torch.float32, device=dev)
         scan_kernel(K)(ends[S + 1:].view(S + 1, HV, K, K), ends[:S + 1].view(S + 1, HV, K, V), keep, h0,
                        table.order, starts)
         seg_final = torch.empty(S + 1, HV, K * V, dtype=torch.float32, device=dev) if output_final_state else None
-        recur(qf, kf, vf, *mats, table.spans, starts.view(S + 1, HV, K * V), of, seg_final, False, plan.v_tile)
+        recur(qf, kf, vf, ag, p, coef, table.spans, starts.view(S + 1, HV, K * V), of, seg_final, False,
+              plan.v_tile)
 
     if not output_final_state:
         return o, None

@@ -35,6 +35,8 @@ def variants():
         out.append((f"chunk_matrices[{dtype}]", functools.partial(matrices_kernel, dtype)))
         for bv in V_TILES:
             out.append((f"chunk_recurrence[{dtype},BV={bv}]", functools.partial(recurrence_kernel, dtype, bv)))
+            out.append((f"chunk_recurrence[{dtype},BV={bv},warmup]",
+                        functools.partial(recurrence_kernel, dtype, bv, True)))
     from .context_parallel import scan_kernel
     out.append((f"segment_scan[K={HEAD_DIM}]", functools.partial(scan_kernel, HEAD_DIM)))
     return out
@@ -54,8 +56,9 @@ def matrices_kernel(dtype: str):
 
 
 @functools.lru_cache(maxsize=None)
-def recurrence_kernel(dtype: str, bv: int):
-    return _compile(chunk_recurrence_kernel(HEAD_DIM, HEAD_DIM, bv, dtype, threads=256 if bv == 128 else 128))
+def recurrence_kernel(dtype: str, bv: int, warmup: bool = False):
+    return _compile(chunk_recurrence_kernel(HEAD_DIM, HEAD_DIM, bv, dtype, threads=256 if bv == 128 else 128,
+                                            warmup=warmup))
 
 
 def _to_device(rows, device):
@@ -117,24 +120,26 @@ def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool):
     return ag, p, coef
 
 
-def recur(q, k, v, ag, p, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int,
-          store_o: bool = True, transitions: bool = False):
-    """Kernel 2 on flat inputs: writes o [tokens, HV, V] (unless ``store_o`` is False) and, if given,
-    ht [N, HV, K * V]; with ``transitions``, also each sequence's transition M into ht[N:2N]."""
+def recur(q, k, v, ag, p, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
+    """Kernel 2 on flat inputs: writes o [tokens, HV, V] and, if given, ht [N, HV, K * V]."""
     HV, K, V = v.shape[1], q.shape[2], v.shape[2]
     placeholder = None
     if h0 is None or ht is None:
         placeholder = torch.empty(1, HV, K * V, dtype=torch.float32, device=q.device)
     kernel = recurrence_kernel(DTYPES[q.dtype], v_tile)
-    flags = (int(h0 is not None), int(ht is not None), int(bool(state_v_first)), int(store_o), int(transitions))
-    if transitions:                                      # ht[n + N] indexing needs a single launch
-        assert seqs.shape[0] <= MAX_GRID_Z and ht is not None and ht.shape[0] == 2 * seqs.shape[0]
-        kernel(q, k, v, ag, p, coef, seqs, h0 if h0 is not None else placeholder, o, ht, *flags)
-        return
+    flags = (int(h0 is not None), int(ht is not None), int(bool(state_v_first)))
     for s in range(0, seqs.shape[0], MAX_GRID_Z):        # the grid's z extent is at most 65535
         e = s + MAX_GRID_Z
         kernel(q, k, v, ag, p, coef, seqs[s:e], h0[s:e] if h0 is not None else placeholder, o,
                ht[s:e] if ht is not None else placeholder, *flags)
+
+
+def warmup(q, k, v, ag, coef, spans, ends, v_tile: int):
+    """The state-only variant over per-(segment, head) ``spans`` [S, HV, 4]: R of each span into
+    ``ends[:S]``, M into ``ends[S:]`` ([2S, HV, K * K], K-major). q only fixes the shared signature."""
+    assert spans.shape[0] <= MAX_GRID_Z and ends.shape[0] == 2 * spans.shape[0]
+    kernel = recurrence_kernel(DTYPES[q.dtype], v_tile, True)
+    kernel(q, k, v, ag, ag, coef, spans, ends, v, ends, 0, 1, 0)
 
 
 def _final(ht, N, HV, K, V, state_v_first):

@@ -1,10 +1,11 @@
-"""Context-parallel scan kernel: the states entering each segment, S_{j+1} = keep_j M_j S_j + R_j.
+"""Context-parallel scan kernel: the states entering each segment, S_{j+1} = M_j S_j + R_j, or R_j
+where ``keep`` is 0 (truncated segments, whose M was not computed).
 
 One CTA per (sequence, value head, V tile) walks that sequence's segments in order (``order``, padded
-with a "none" segment whose M is I, R is 0 and keep is 1). M_j S_j runs on the tensor cores in TF32
-(wgmma needs B K-major, so S is staged transposed); the state, R and the sum stay in fp32. Loads are
-plain 16-byte vector loads (no TMA): the scan is a few steps per sequence. Segment counts and all
-sizes are dynamic.
+with a "none" segment after its last; states past the last segment are not used). M_j S_j runs on
+the tensor cores in TF32 (wgmma needs B K-major, so S is staged transposed); the state, R and the sum
+stay in fp32. Loads are plain 16-byte vector loads (no TMA): the scan is a few steps per sequence.
+Segment counts and all sizes are dynamic.
 """
 import tilelang.language as T
 
@@ -37,11 +38,14 @@ def segment_scan_kernel(K: int, BV: int, threads: int = 128):
             for j in T.serial(max_segments):
                 seg = order[n, j]
                 T.copy(S, starts[seg, h, :, v0:v0 + BV])
-                for i, c in T.Parallel(K, BV):
-                    st_s[c, i] = S[i, c]
-                T.copy(M[seg, h, :, :], m_s)
-                T.gemm(m_s, st_s, MS, transpose_B=True, clear_accum=True)
-                for i, c in T.Parallel(K, BV):
-                    S[i, c] = keep[seg, h] * MS[i, c] + R[seg, h, i, v0 + c]
+                if keep[seg, h] != 0:
+                    for i, c in T.Parallel(K, BV):
+                        st_s[c, i] = S[i, c]
+                    T.copy(M[seg, h, :, :], m_s)
+                    T.gemm(m_s, st_s, MS, transpose_B=True, clear_accum=True)
+                    for i, c in T.Parallel(K, BV):
+                        S[i, c] = MS[i, c] + R[seg, h, i, v0 + c]
+                else:                                  # truncated: M is neither computed nor read
+                    T.copy(R[seg, h, :, v0:v0 + BV], S)
 
     return segment_scan

@@ -140,7 +140,7 @@ def timed(fn, graph: bool):
 def cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf):
     """The context-parallel forward's launches alone (planner's plan), for the time breakdown."""
     from flashdelta.gated_delta_rule.context_parallel import TRUNCATION_TAU
-    from flashdelta.gated_delta_rule.segments import SegmentTable, warmup_spans
+    from flashdelta.gated_delta_rule.segments import SegmentTable, chunk_stats, warmup_spans
     from flashdelta.gated_delta_rule.hopper.context_parallel import scan_kernel
     from flashdelta.gated_delta_rule.planner import plan_forward
 
@@ -151,7 +151,9 @@ def cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf):
     gf, bf = g.view(tok, HV), beta.view(tok, HV)
     ag, p, coef = mats
     ends = torch.empty(2 * (S + 1), HV, 128 * 128, dtype=torch.float32, device=dev)
-    spans, keep = warmup_spans(gf, bf, flat[1], table, HV // H, False, TRUNCATION_TAU)
+    _, chunks = hopper._tables(tuple(lens), None if varlen else lens[0], dev)
+    stats = chunk_stats(gf, bf, flat[1], chunks, HV // H, False)
+    spans, keep = warmup_spans(stats, table, TRUNCATION_TAU)
     h0 = torch.zeros(len(lens), HV, 128, 128, dtype=torch.float32, device=dev)
     starts = torch.empty(S + 1, HV, 128, 128, dtype=torch.float32, device=dev)
     r_chunks = (spans[..., 1] + 63) // 64
@@ -160,7 +162,7 @@ def cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf):
         f"R {int(r_chunks.sum())} (longest {int(r_chunks.max())}), M {int(m_chunks.sum())}; "
         f"kept M {int(keep.sum())} of {keep.numel()}")
     return {
-        "cp warm-up spans": lambda: warmup_spans(gf, bf, flat[1], table, HV // H, False, TRUNCATION_TAU),
+        "cp warm-up spans": lambda: warmup_spans(stats, table, TRUNCATION_TAU),
         "cp warm-up": lambda: hopper.warmup(*flat, ag, coef, spans, ends, plan.v_tile),
         "cp scan": lambda: scan_kernel()(ends[S + 1:].view(S + 1, HV, 128, 128), ends[:S + 1].view(S + 1, HV, 128, 128),
                                          keep, h0, table.order, starts),

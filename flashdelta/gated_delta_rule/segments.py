@@ -1,16 +1,18 @@
-"""Segments of a context-parallel plan as token ranges on the device, and the truncation test.
+"""Segments of a context-parallel plan as token ranges on the device, and the warm-up plan.
 
 The kernels' CP forward (``hopper/context_parallel.py``) runs a plan's segments as independent
-sequences of the packed token axis. This module holds what it needs that is plain PyTorch -- and so
-is tested on the CPU against the chunk-layout specification in ``context_parallel``: the segment
-table (built once per plan, on the host) and the warm-up spans (device ops, no synchronisation).
+sequences of the packed token axis. This module holds the segment table (built once per plan, on
+the host, tested on the CPU against the plan) and, as plain PyTorch, the references of what two
+kernels compute for the warm-up: the per-chunk statistics ``chunk_matrices`` writes and the
+per-(segment, head) spans ``segment_windows`` derives from them.
 
-Warm-up windows. Where segment j may be truncated (its summed log-decay G_j <= -tau and
-0 <= beta |k|^2 <= 2 on all its tokens), the state leaving it is taken as the state reached from
-zero over its shortest chunk-aligned suffix whose decay is already <= -tau: what is dropped is that
-suffix's transition applied to the true state at the suffix's start, at most e^-tau of its norm
-(the bound of ``context_parallel``, with the window in place of the segment). With g = -0.05 per
-token a window is ~4 chunks, so the warm-up of a decaying head costs a few chunk steps, whatever L.
+Warm-up windows. Where the decay of a suffix of segment j's chunks reaches -tau and every token of
+that suffix keeps 0 <= beta |k|^2 <= 2, the state leaving segment j is taken as the state reached
+from zero over the shortest such suffix (the window): what is dropped is the window's transition
+applied to the true state at the window's start, at most e^-tau of that state's norm -- the bound of
+``context_parallel``, with the window in place of the segment. With g = -0.05 per token a window is
+~4 chunks, so the warm-up of a decaying head costs a few chunk steps, whatever the segment length.
+Elsewhere R and M cover the whole segment (g = 0 heads: exact).
 """
 from __future__ import annotations
 
@@ -30,61 +32,68 @@ class SegmentTable:
     order: torch.Tensor           # [N, J] int32 segment index of the j-th segment of sequence n; S = "none"
     last: torch.Tensor            # [N] index of each sequence's last segment; S = "none"
     spans: torch.Tensor           # [S + 1, 2] int32 (first token, length); the last row is the empty "none"
-    tokens: torch.Tensor          # [S, L, CHUNK] int64 token index by chunk of each segment; padding = T
-    is_last: torch.Tensor         # [S] bool: the last segment of its sequence (its R and M are never used)
+    segments: torch.Tensor        # [S + 1, 5] int32 first token, length, first chunk, chunks, used (0 for
+                                  # a sequence's last segment, whose R and M the scan never reads, and "none")
     seq_lens: tuple[int, ...]     # host lengths of the segments
 
     @staticmethod
     @lru_cache(maxsize=64)
     def build(plan: Plan, seq_lens: tuple[int, ...], batched_len: int | None, device: torch.device):
         offsets = sequence_starts(seq_lens, batched_len)
-        starts = [offsets[n] + s for n, s, _ in plan.segments]
-        lens = [t for _, _, t in plan.segments]
-        S = len(lens)
+        chunk_offsets = [0]
+        for length in seq_lens:
+            chunk_offsets.append(chunk_offsets[-1] + -(-length // CHUNK))
+        S = len(plan.segments)
         per_seq = [[] for _ in seq_lens]
         for i, (n, _, _) in enumerate(plan.segments):
             per_seq[n].append(i)
         J = max((len(p) for p in per_seq), default=0)
         order = [p + [S] * (J - len(p)) for p in per_seq]
         last = [p[-1] if p else S for p in per_seq]
-        total = len(seq_lens) * batched_len if batched_len is not None else sum(seq_lens)
-        offset = torch.arange(plan.segment_chunks * CHUNK).view(1, plan.segment_chunks, CHUNK)
-        first, count = torch.tensor(starts).view(S, 1, 1), torch.tensor(lens).view(S, 1, 1)
-        tokens = torch.where(offset < count, first + offset, total)
+        rows = [[offsets[n] + s, t, chunk_offsets[n] + s // CHUNK, -(-t // CHUNK), int(i != last[n])]
+                for i, (n, s, t) in enumerate(plan.segments)] + [[0, 0, 0, 0, 0]]
 
         def dev(x, dtype=torch.int64):
-            return torch.as_tensor(x, dtype=dtype).to(device)
+            return torch.tensor(x, dtype=dtype).to(device)
+        segments = dev(rows, torch.int32).reshape(S + 1, 5)
         return SegmentTable(dev(order, torch.int32).reshape(len(seq_lens), J), dev(last),
-                            dev([[s, t] for s, t in zip(starts, lens)] + [[0, 0]], torch.int32),
-                            dev(tokens), dev([i in set(last) for i in range(S)], torch.bool), tuple(lens))
+                            segments[:, :2].contiguous(), segments, tuple(t for _, _, t in plan.segments))
 
 
-def warmup_spans(g, beta, k, table: SegmentTable, group: int, use_qk_l2norm: bool, tau: float):
-    """What the warm-up computes per (segment, value head), and how the scan combines it.
-
-    Returns ``spans`` [S + 1, HV, 4] int32 -- (R first token, R length, M first token, M length):
-    the whole segment for both where it cannot be truncated, the window for R and nothing for M
-    where it can, nothing for a sequence's last segment (unused) nor the "none" row -- and ``keep``
-    [S + 1, HV] float32, 1 where the scan applies M (0 where truncated or unused).
-    """
+def chunk_stats(g, beta, k, chunks, group: int, use_qk_l2norm: bool):
+    """Reference of ``chunk_matrices``' statistics: [num_chunks, HV, 2] float32 -- per chunk of the
+    chunk table (first token, valid rows) and value head, the summed g and the number of tokens
+    with beta |k|^2 outside [0, 2] (|k| after the in-kernel l2-norm when enabled)."""
     HV = g.shape[-1]
-    pad = lambda x: torch.cat([x.reshape(-1, HV), x.new_zeros(1, HV)])          # row T: padding
-    decay = pad(g.double())[table.tokens].sum(2)                                 # [S, L, HV] per chunk
     k2 = k.reshape(-1, k.shape[-2], k.shape[-1]).float().square().sum(-1)        # [T, H]
     if use_qk_l2norm:
         k2 = k2 / (k2 + 1e-6)
     bk = beta.reshape(-1, HV).float() * k2.repeat_interleave(group, dim=1)
-    violated = pad((bk < 0) | (bk > 2))[table.tokens].flatten(1, 2).any(1)       # [S, HV]
-    # suffix sums are non-increasing towards the segment's start: the chunks from which the rest of the
-    # segment decays by tau or more form a prefix; the window starts at its last chunk
-    reaching = (decay.flip(1).cumsum(1).flip(1) <= -tau).sum(1)                  # [S, HV]
-    truncate = (reaching > 0) & ~violated
-    used = ~table.is_last[:, None]
-    first, length = (x[:-1, None].long() for x in table.spans.unbind(1))         # [S, 1]
-    skip = torch.where(truncate, (reaching - 1) * CHUNK, 0)
-    r_len = (length - skip) * used
-    m_len = length * (used & ~truncate)
-    spans = torch.stack([(first + skip).expand_as(r_len), r_len, first.expand_as(m_len), m_len], dim=-1)
-    spans = torch.cat([spans, spans.new_zeros(1, HV, 4)]).int()
-    keep = torch.cat([(used & ~truncate).float(), g.new_zeros(1, HV, dtype=torch.float32)])
-    return spans, keep
+    per_token = torch.stack([g.reshape(-1, HV).float(), ((bk < 0) | (bk > 2)).float()], dim=-1)
+    per_token = torch.cat([per_token, per_token.new_zeros(1, HV, 2)])            # row T: padding
+    offset = torch.arange(CHUNK, device=chunks.device)
+    tokens = torch.where(offset < chunks[:, 1:2], chunks[:, :1] + offset, per_token.shape[0] - 1)
+    return per_token[tokens.long()].sum(1)
+
+
+def warmup_spans(stats, table: SegmentTable, tau: float):
+    """Reference of ``segment_windows``: per (segment, value head) ``spans`` [S + 1, HV, 4] int32 --
+    (R first token, R length, M first token, M length) -- and ``keep`` [S + 1, HV] float32, 1 where
+    the scan applies M."""
+    first, length, c0, count, used = (x.long() for x in table.segments.unbind(1))
+    HV = stats.shape[1]
+    steps = torch.arange(int(count.max()) if count.numel() else 0, device=stats.device)
+    backwards = c0[:, None] + count[:, None] - 1 - steps                           # [S + 1, L]
+    inside = steps < (count * used)[:, None]
+    padded = torch.cat([stats, stats.new_zeros(1, HV, 2)])
+    walked = padded[torch.where(inside, backwards, stats.shape[0])].cumsum(1)      # [S + 1, L, HV, 2]
+    reached = walked[..., 0] <= -tau                                               # a suffix of the walk
+    window = torch.where(reached.any(1), reached.shape[1] - reached.sum(1) + 1, 0)
+    at_window = walked[..., 1].gather(1, (window - 1).clamp(min=0)[:, None, :]).squeeze(1)
+    truncate = (window > 0) & (at_window == 0)
+    skip = torch.where(truncate, (count[:, None] - window) * CHUNK, 0)
+    first, length, used = first[:, None], length[:, None], used[:, None]
+    spans = torch.stack([(first + skip).expand_as(skip), (length - skip) * used, first.expand_as(skip),
+                         torch.where(truncate, 0, length * used)], dim=-1)
+    keep = torch.where(truncate, 0, used).float()
+    return spans.int(), keep

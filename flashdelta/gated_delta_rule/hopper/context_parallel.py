@@ -16,7 +16,7 @@ import functools
 import torch
 
 from ..context_parallel import TRUNCATION_TAU
-from ..segments import SegmentTable, warmup_spans
+from ..segments import SegmentTable, chunk_stats, warmup_spans
 from .forward import DTYPES, _compile, _tables, prepare, recur, warmup
 from .segment_scan import segment_scan_kernel
 
@@ -49,7 +49,8 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
 
     with torch.cuda.device(dev):
         ag, p, coef = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
-        spans, keep = warmup_spans(gf, bf, kf, table, HV // H, use_qk_l2norm_in_kernel, tau)
+        stats = chunk_stats(gf, bf, kf, chunks, HV // H, use_qk_l2norm_in_kernel)
+        spans, keep = warmup_spans(stats, table, tau)
         ends = torch.empty(2 * (S + 1), HV, K * V, dtype=torch.float32, device=dev)
         warmup(qf, kf, vf, ag, coef, spans, ends, plan.v_tile)
         starts = torch.empty(S + 1, HV, K, V, dtype=torch.float32, device=dev)

@@ -23,8 +23,11 @@ def features(source: str) -> dict[str, bool]:
 
 
 def required(name: str) -> tuple[str, ...]:
-    """Features a variant must show: every kernel runs on wgmma; all but the segment scan (a few
-    steps per sequence, plain vector loads) stream their tiles with TMA."""
+    """Features a variant must show: the tile kernels run on wgmma, and all but the segment scan (a
+    few steps per sequence, plain vector loads) stream their tiles with TMA; ``segment_windows`` is
+    a scalar walk over per-chunk statistics (one thread per segment and head)."""
+    if name.startswith("segment_windows"):
+        return ()
     return ("wgmma",) if name.startswith("segment_scan") else ("wgmma", "tma")
 
 

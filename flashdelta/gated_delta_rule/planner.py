@@ -5,12 +5,16 @@ so its latency is the longest sequence's chunk count times one step, and the GPU
 there are enough such CTAs. When there are not, two levers help (DESIGN section 3):
 
 - narrower V tiles: more CTAs, each step cheaper but not proportionally (K x BV GEMMs get small);
-- context parallelism: cut sequences into segments of L chunks. Two passes over the tokens (warm-up
-  and output) plus a scan, but each pass only L steps long and HV x segments x V-tiles CTAs wide.
+- context parallelism: cut sequences into segments of L chunks. A state-only warm-up (short windows
+  for decaying heads, L steps for the others), a scan over segments, then the output pass: each only
+  L steps long and HV x segments x V-tiles CTAs wide.
 
-The planner evaluates a latency model over the candidates and picks the fastest:
+The planner evaluates a latency model over the candidates and picks the fastest (the per-chunk
+preparation costs the same either way and is left out):
 
-    latency(L, BV) = passes * waves(CTAs) * L * step(BV) + (scan cost if L splits anything)
+    unsplit(BV)   = waves(N * HV * V/BV) * longest * step(BV)
+    CP(L, BV)     = overhead + warm-up + scan + waves(segments * HV * V/BV) * L * step(BV)
+    warm-up       = waves(exact CTAs) * L * warmup_ratio * step(BV),   scan = segments per sequence * scan_step
 
 Its constants live in ``TUNING``; they came from the benchmark command recorded there.
 """
@@ -20,20 +24,22 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 CHUNK = 64
+MAX_SEGMENTS = 65535                 # the kernels' grid z extent
 
-# Latency-model constants; retune with:
-#   python -m flashdelta.bench --preset qwen35-fwd   (on the target GPU; compare forced plans)
-# Status: first estimates from the kernel's structure, not yet fitted to measurements.
+# Latency-model constants, microseconds on an H100. Fitted to
+#   python scripts/gpu_check.py --skip-check --skip-peers --tune     (tune.json: forced layouts)
+# on 2026-11-25 (NVIDIA H100 80GB HBM3); see hopper/NOTES.md.
 TUNING = {
-    "ctas_per_sm": 1,              # fused forward CTAs resident per SM (register-bound: fp32 state)
-    "step_cost": {128: 1.0, 64: 0.7},  # one chunk step, relative to BV = 128 (H100: 1.52 vs 2.07 ms, 1x32768 hv8)
-    "cp_passes": 2.0,              # warm-up (state-only, cheaper) + output pass, in output-pass steps
-    "scan_cost_per_segment": 0.5,  # one M S + R step of the segment scan, in chunk steps
+    "ctas_per_sm": 1,              # fused forward CTAs resident per SM (shared memory / registers)
+    "step_us": {128: 4.0, 64: 3.0},  # one chunk step of the fused forward, by V tile
+    "warmup_ratio": 0.8,           # a state-only step, relative to a full one
+    "exact_fraction": 0.5,         # share of (segment, head) warm-ups that need M (g ~ 0 heads), x2 CTAs
+    "scan_step_us": 3.6,           # one M S + R step of the segment scan
+    "cp_overhead_us": 15.0,        # the warm-up plan and scan launches
     "min_segment_chunks": 4,       # shorter segments spend more on warm-up/scan than they save
-    # context_parallel=None chooses CP only when this is on. Off: the CP forward has not yet been
-    # measured faster than the unsplit one (H100, 2026-11-25: 11.9 ms vs 1.8 ms at 1x32768 hv8, with
-    # a since-replaced serial prefix sum; see benchmarks/results/H100-fwd.md).
-    "auto_context_parallel": False,
+    "max_segment_chunks": 64,
+    # context_parallel=None lets the model choose between the unsplit and the CP forward
+    "auto_context_parallel": True,
 }
 
 
@@ -54,17 +60,21 @@ def _waves(ctas: int, sm_count: int, ctas_per_sm: int) -> int:
 
 def estimate(seq_chunks: tuple[int, ...], v_heads: int, v_dim: int, sm_count: int,
              v_tile: int, segment_chunks: int | None, tuning=TUNING) -> float:
-    """Modelled latency in chunk steps of a BV = 128 CTA."""
-    step = tuning["step_cost"][v_tile]
+    """Modelled latency in microseconds."""
+    step = tuning["step_us"][v_tile]
     v_tiles = -(-v_dim // v_tile)
     longest = max(seq_chunks, default=0)
+    waves = lambda ctas: _waves(ctas, sm_count, tuning["ctas_per_sm"])
     if segment_chunks is None or segment_chunks >= longest:
-        ctas = len(seq_chunks) * v_heads * v_tiles
-        return _waves(ctas, sm_count, tuning["ctas_per_sm"]) * longest * step
-    segments = sum(-(-c // segment_chunks) for c in seq_chunks)
-    ctas = segments * v_heads * v_tiles
-    scan = max(-(-c // segment_chunks) for c in seq_chunks) * tuning["scan_cost_per_segment"]
-    return tuning["cp_passes"] * _waves(ctas, sm_count, tuning["ctas_per_sm"]) * segment_chunks * step + scan
+        return waves(len(seq_chunks) * v_heads * v_tiles) * longest * step
+    L = segment_chunks
+    per_seq = [-(-c // L) for c in seq_chunks]
+    segments = sum(per_seq)
+    exact = 2 * tuning["exact_fraction"] * (segments - len(seq_chunks)) * v_heads * v_tiles
+    warmup = waves(round(exact)) * L * tuning["warmup_ratio"] * step
+    scan = max(per_seq) * tuning["scan_step_us"]
+    output = waves(segments * v_heads * v_tiles) * L * step
+    return tuning["cp_overhead_us"] + warmup + scan + output
 
 
 @lru_cache(maxsize=256)
@@ -80,18 +90,22 @@ def plan_forward(seq_lens: tuple[int, ...], v_heads: int, v_dim: int, sm_count: 
         context_parallel = False
     seq_chunks = tuple(-(-n // CHUNK) for n in seq_lens)
     longest = max(seq_chunks, default=0)
-    tiles = [t for t in sorted(TUNING["step_cost"], reverse=True) if t <= max(v_dim, 64)]
+    tiles = [t for t in sorted(TUNING["step_us"], reverse=True) if t <= max(v_dim, 64)]
+    count = lambda L: sum(-(-c // L) for c in seq_chunks)
     if context_parallel is True or context_parallel is None:
-        L = TUNING["min_segment_chunks"]
-        lengths = [L]
-        while L * 2 < longest:
+        lengths, L = [], TUNING["min_segment_chunks"]
+        while L <= TUNING["max_segment_chunks"] and (L < longest or not lengths):
+            if count(L) <= MAX_SEGMENTS:              # a launch holds at most MAX_SEGMENTS segments
+                lengths.append(L)
             L *= 2
-            lengths.append(L)
-        if context_parallel is None:
+        if context_parallel is None or not lengths:
             lengths = [None] + [L for L in lengths if L < longest]
     elif context_parallel is False:
         lengths = [None]
     else:
+        if count(int(context_parallel)) > MAX_SEGMENTS:
+            raise ValueError(f"context_parallel={context_parallel} chunks per segment makes "
+                             f"{count(int(context_parallel))} segments; at most {MAX_SEGMENTS} fit one launch")
         lengths = [int(context_parallel)]
     best = min(((estimate(seq_chunks, v_heads, v_dim, sm_count, t, L), -t, L or 0) for t in tiles for L in lengths))
     v_tile, L = -best[1], best[2] or None

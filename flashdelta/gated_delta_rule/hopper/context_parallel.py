@@ -4,8 +4,8 @@ Launches, none waiting on the host:
 
 1. ``chunk_matrices`` once for all chunks (segments start on chunk boundaries, so the per-chunk
    operators are shared by both passes);
-2. the truncation test and warm-up spans per (segment, head) -- a few torch ops over g, beta, |k|^2
-   (``segments.warmup_spans``);
+2. ``segment_windows``: the truncation test and warm-up spans per (segment, head), from per-chunk
+   statistics (reference: ``segments.warmup_spans``);
 3. ``chunk_recurrence`` in its state-only warm-up variant: R over each segment (or only its window,
    where truncated) and M where it is needed, in one launch;
 4. ``segment_scan``: the state entering every segment;
@@ -16,9 +16,10 @@ import functools
 import torch
 
 from ..context_parallel import TRUNCATION_TAU
-from ..segments import SegmentTable, chunk_stats, warmup_spans
-from .forward import DTYPES, _compile, _tables, prepare, recur, warmup
+from ..segments import SegmentTable, chunk_stats
+from .forward import CHUNK, DTYPES, _compile, _tables, prepare, ready, recur, warmup
 from .segment_scan import segment_scan_kernel
+from .segment_windows import segment_windows_kernel
 
 SCAN_V_TILE = 64
 
@@ -26,6 +27,20 @@ SCAN_V_TILE = 64
 @functools.lru_cache(maxsize=None)
 def scan_kernel(K: int = 128):
     return _compile(segment_scan_kernel(K, SCAN_V_TILE))
+
+
+@functools.lru_cache(maxsize=None)
+def windows_kernel():
+    return _compile(segment_windows_kernel(CHUNK))
+
+
+def segment_windows(stats, table: SegmentTable, tau: float):
+    """``segments.warmup_spans`` on the device, in one launch: (spans [S + 1, HV, 4], keep [S + 1, HV])."""
+    rows, HV = table.segments.shape[0], stats.shape[1]
+    spans = torch.empty(rows, HV, 4, dtype=torch.int32, device=stats.device)
+    keep = torch.empty(rows, HV, dtype=torch.float32, device=stats.device)
+    windows_kernel()(stats, table.segments, spans, keep, float(tau))
+    return spans, keep
 
 
 def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,
@@ -37,6 +52,7 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
     seq_lens = tuple(seq_lens)
     N, tokens, dev = len(seq_lens), B * Tn, q.device
     stride = Tn if cu_seqlens is None else None
+    ready(DTYPES[q.dtype])
     table = SegmentTable.build(plan, seq_lens, stride, dev)
     S = len(table.seq_lens)
     _, chunks = _tables(seq_lens, stride, dev)
@@ -50,7 +66,7 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
     with torch.cuda.device(dev):
         ag, p, coef = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
         stats = chunk_stats(gf, bf, kf, chunks, HV // H, use_qk_l2norm_in_kernel)
-        spans, keep = warmup_spans(stats, table, tau)
+        spans, keep = segment_windows(stats, table, tau)
         ends = torch.empty(2 * (S + 1), HV, K * V, dtype=torch.float32, device=dev)
         warmup(qf, kf, vf, ag, coef, spans, ends, plan.v_tile)
         starts = torch.empty(S + 1, HV, K, V, dtype=torch.float32, device=dev)

@@ -7,6 +7,8 @@ kernels. Lengths and head counts are dynamic: kernels compile once per (dtype, V
 sequences and chunks are built on the host from ``seq_lens`` (no device sync) and cached.
 """
 import functools
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import tilelang
 import torch
@@ -22,29 +24,42 @@ DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 MAX_GRID_Z = 65535
 
 compilations = 0                          # kernels built in this process (tests check new lengths add none)
+_counting = threading.Lock()
 
 
 def supports(K: int, V: int) -> bool:
     return K == HEAD_DIM and V == HEAD_DIM
 
 
-def variants():
-    """Every kernel this module can launch: (name, builder) pairs, for ahead-of-time compilation."""
+def variants(dtype: str | None = None):
+    """Every kernel this module can launch (for ``dtype`` only, if given): (name, builder) pairs."""
     out = []
-    for dtype in DTYPES.values():
-        out.append((f"chunk_matrices[{dtype}]", functools.partial(matrices_kernel, dtype)))
+    for dt in DTYPES.values() if dtype is None else (dtype,):
+        out.append((f"chunk_matrices[{dt}]", functools.partial(matrices_kernel, dt)))
         for bv in V_TILES:
-            out.append((f"chunk_recurrence[{dtype},BV={bv}]", functools.partial(recurrence_kernel, dtype, bv)))
-            out.append((f"chunk_recurrence[{dtype},BV={bv},warmup]",
-                        functools.partial(recurrence_kernel, dtype, bv, True)))
-    from .context_parallel import scan_kernel
+            out.append((f"chunk_recurrence[{dt},BV={bv}]", functools.partial(recurrence_kernel, dt, bv)))
+            out.append((f"chunk_recurrence[{dt},BV={bv},warmup]", functools.partial(recurrence_kernel, dt, bv, True)))
+    from .context_parallel import scan_kernel, windows_kernel
     out.append((f"segment_scan[K={HEAD_DIM}]", functools.partial(scan_kernel, HEAD_DIM)))
+    out.append(("segment_windows", windows_kernel))
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def ready(dtype: str) -> None:
+    """Builds every variant for ``dtype`` on its first use, all at once: nvcc runs in parallel, so a
+    cold cache costs about the slowest build instead of their sum, and the planner's later choices
+    (another V tile, context parallelism) never stall a call on a compilation."""
+    todo = variants(dtype)
+    with ThreadPoolExecutor(len(todo)) as pool:
+        for _ in pool.map(lambda item: item[1](), todo):
+            pass
 
 
 def _compile(func, fast_math: bool = False):
     global compilations
-    compilations += 1
+    with _counting:
+        compilations += 1
     return tilelang.compile(func, target=TARGET,
                             pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: fast_math})
 
@@ -100,6 +115,7 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
             ht.copy_(h0) if h0 is not None else ht.zero_()
         return o, _final(ht, N, HV, K, V, state_v_first)
 
+    ready(DTYPES[q.dtype])
     seqs, chunks = _tables(seq_lens, Tn if cu_seqlens is None else None, dev)
     flat = (q.contiguous().view(tokens, H, K), k.contiguous().view(tokens, H, K), v.contiguous().view(tokens, HV, V))
     with torch.cuda.device(dev):          # TileLang launches on the current device's current stream

@@ -19,16 +19,25 @@ second half starts from identity columns and treats v as zero, so its final "sta
 transition M. Spans are per (segment, value head): (R first token, R length, M first token, M length),
 so the truncation test can shorten R to a window and skip M (length 0) where the gate allows it. R is
 written to ``ht[n]``, M to ``ht[num_seqs + n]``.
+
+Warp specialisation is written out (not TileLang's automatic pipelining) so the GEMMs can run
+asynchronously around the state's dependency chain: one producer warp streams each chunk's tiles into
+two stages (one ``full`` mbarrier per stage, TMA transaction counts; one ``empty`` barrier released when
+the stage's last GEMM has completed), and the consumer warpgroups overlap Q S with the W update,
+the c1/c3 scalings with Ag W, and P V' with restaging the new S.
 """
 import tilelang.language as T
+from tilelang.layout import make_swizzled_layout
 
 CHUNK = 64
 ACC = "float32"
+PRODUCER_THREADS = 128                  # one warpgroup (setmaxnreg works per warpgroup); one warp issues TMA
 
 
 def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256, warmup: bool = False):
     """The prim_func for head dims K, V, V tile BV and q/k/v dtype; lengths and head counts are dynamic.
 
+    ``threads``: consumer threads (BV // 64 warpgroups); the CTA has ``PRODUCER_THREADS`` more.
     ``warmup``: the state-only variant (q, p, o and h0 are not read or written; ``seqs`` holds spans).
     """
     C = CHUNK
@@ -59,7 +68,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     ):
         # a 3-D grid (the caller launches at most 65535 sequences at a time): a 1-D grid decoded with
         # divisions by the dynamic head count measured 8-35% slower (divisions redone in the loop)
-        with T.Kernel((V // BV) * halves, v_heads, num_seqs, threads=threads) as (bt, h, n):
+        with T.Kernel((V // BV) * halves, v_heads, num_seqs, threads=threads + PRODUCER_THREADS) as (bt, h, n):
             hk = h // (v_heads // qk_heads)
             bv = bt % (V // BV)
             is_m = bt // (V // BV)                         # warm-up: 1 = this CTA computes M columns
@@ -71,82 +80,106 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 start = seqs[n, 0]
                 length = seqs[n, 1]
 
-            q_s = T.alloc_shared((C, K), dtype)
-            k_s = T.alloc_shared((C, K), dtype)
-            v_s = T.alloc_shared((C, BV), dtype)
-            ag_s = T.alloc_shared((C, C), dtype)
-            p_s = T.alloc_shared((C, C), dtype)
-            cf_s = T.alloc_shared((C, 4), ACC)
+            # two stages of the streamed tiles, then single staging buffers of the consumers
+            if not warmup:
+                q_s = T.alloc_shared((2, C, K), dtype)
+                p_s = T.alloc_shared((2, C, C), dtype)
+                vn_s = T.alloc_shared((C, BV), dtype)
+                o_s = T.alloc_shared((C, BV), dtype)
+            k_s = T.alloc_shared((2, C, K), dtype)
+            v_s = T.alloc_shared((2, C, BV), dtype)
+            ag_s = T.alloc_shared((2, C, C), dtype)
+            cf_s = T.alloc_shared((2, C, 4), ACC)
             s_s = T.alloc_shared((K, BV), dtype)
             w_s = T.alloc_shared((C, BV), dtype)
-            vn_s = T.alloc_shared((C, BV), dtype)
             vc_s = T.alloc_shared((C, BV), dtype)
-            o_s = T.alloc_shared((C, BV), dtype)
+            full = T.alloc_barrier([32, 32])               # the producer warp's arrivals + TMA bytes
+            empty = T.alloc_barrier([threads, threads])    # every consumer thread, after the stage's GEMMs
+            # v_s and o_s are read/written row-wise by the accumulator fragments (8 rows of BV * 2 bytes
+            # per warp access): unswizzled, every row of a warp falls on the same banks (8-way conflicts)
+            if warmup:
+                T.annotate_layout({v_s: make_swizzled_layout(v_s)})
+            else:
+                T.annotate_layout({v_s: make_swizzled_layout(v_s), o_s: make_swizzled_layout(o_s)})
 
             S = T.alloc_fragment((K, BV), ACC)
             ks = T.alloc_fragment((C, BV), ACC)
             vn = T.alloc_fragment((C, BV), ACC)
-            out = T.alloc_fragment((C, BV), ACC)
+            if not warmup:
+                out = T.alloc_fragment((C, BV), ACC)
 
-            if warmup:
-                for i, j in T.Parallel(K, BV):
-                    S[i, j] = T.if_then_else(i == v0 + j, T.cast(is_m, ACC), 0.0)
-            elif has_h0 != 0:
-                for i, j in T.Parallel(K, BV):
-                    S[i, j] = T.if_then_else(v_first != 0, h0[n, h, (v0 + j) * K + i], h0[n, h, i * V + v0 + j])
+            tx = T.get_thread_binding()
+            if tx >= threads:
+                T.set_max_nreg(24, 0)
+                if tx < threads + 32:
+                    for c in T.serial(T.ceildiv(length, C)):
+                        st = c % 2
+                        t0 = start + c * C
+                        T.barrier_wait(empty[st], (c // 2 + 1) % 2)
+                        if not warmup:
+                            T.tma_copy(q[t0:t0 + C, hk, 0:K], q_s[st, :, :], barrier=full[st])
+                            T.tma_copy(p[t0:t0 + C, h, 0:C], p_s[st, :, :], barrier=full[st])
+                        T.tma_copy(k[t0:t0 + C, hk, 0:K], k_s[st, :, :], barrier=full[st])
+                        T.tma_copy(v[t0:t0 + C, h, v0:v0 + BV], v_s[st, :, :], barrier=full[st])
+                        T.tma_copy(ag[t0:t0 + C, h, 0:C], ag_s[st, :, :], barrier=full[st])
+                        T.tma_copy(coef[t0:t0 + C, h, 0:4], cf_s[st, :, :], barrier=full[st])
+                        T.barrier_arrive(full[st])
             else:
-                T.clear(S)
-
-            v_keep = T.cast(1 - is_m, ACC)
-            for c in T.Pipelined(T.ceildiv(length, C), num_stages=2):
-                t0 = start + c * C
-                rows = length - c * C                      # valid rows of this chunk (> 64 = all)
-                if not warmup:
-                    T.copy(q[t0:t0 + C, hk, 0:K], q_s)
-                T.copy(k[t0:t0 + C, hk, 0:K], k_s)
-                T.copy(v[t0:t0 + C, h, v0:v0 + BV], v_s)
-                T.copy(ag[t0:t0 + C, h, 0:C], ag_s)
-                if not warmup:
-                    T.copy(p[t0:t0 + C, h, 0:C], p_s)
-                T.copy(coef[t0:t0 + C, h, 0:4], cf_s)
-
-                # (the bf16 copy is made here rather than before the loop and after the update: TileLang
-                # 0.1.15's warp specialisation leaves a copy placed before the loop unguarded and
-                # unremapped, so producer threads would write into it)
-                T.copy(S, s_s)
+                T.set_max_nreg(240, 1)
                 if warmup:
-                    T.gemm(k_s, s_s, ks, clear_accum=True)
+                    for i, j in T.Parallel(K, BV):
+                        S[i, j] = T.if_then_else(i == v0 + j, T.cast(is_m, ACC), 0.0)
+                elif has_h0 != 0:
+                    for i, j in T.Parallel(K, BV):
+                        S[i, j] = T.if_then_else(v_first != 0, h0[n, h, (v0 + j) * K + i], h0[n, h, i * V + v0 + j])
                 else:
-                    # K S and Q S in flight together: the synchronous second GEMM waits for both. (Only a
-                    # buffer used again later may end an asynchronous GEMM's use: the pipeline hands a
-                    # buffer back to the TMA producer right after its last use is issued, not completed.)
-                    T.wgmma_gemm(k_s, s_s, ks, clear_accum=True)
-                    T.gemm(q_s, s_s, out, clear_accum=True)
-                for i, j in T.Parallel(C, BV):
-                    w_s[i, j] = v_keep * v_s[i, j] - T.if_then_else(i < rows, cf_s[i, 0], 0.0) * ks[i, j]
-                T.gemm(ag_s, w_s, vn, clear_accum=True)
-                for i, j in T.Parallel(C, BV):
-                    if not warmup:
-                        vn_s[i, j] = vn[i, j]                      # P V' operand (output only)
-                    vc_s[i, j] = vn[i, j] * T.if_then_else(i < rows, cf_s[i, 2], 0.0)
-                if not warmup:
-                    for i, j in T.Parallel(C, BV):
-                        out[i, j] = out[i, j] * T.if_then_else(i < rows, cf_s[i, 1], 0.0)
-                for i, j in T.Parallel(K, BV):
-                    S[i, j] = S[i, j] * cf_s[0, 3]
-                T.gemm(k_s, vc_s, S, transpose_A=True)
-                if not warmup:
-                    T.gemm(p_s, vn_s, out)
-                    T.copy(out, o_s)                                    # staged: 16-byte coalesced stores
-                    for i, j in T.Parallel(C, BV):
-                        if i < rows:
-                            o[t0 + i, h, v0 + j] = o_s[i, j]
+                    T.clear(S)
+                T.copy(S, s_s)
 
-            if store_ht != 0:
-                for i, j in T.Parallel(K, BV):
-                    if v_first != 0:
-                        ht[n + is_m * num_seqs, h, (v0 + j) * K + i] = S[i, j]
-                    else:
-                        ht[n + is_m * num_seqs, h, i * V + v0 + j] = S[i, j]
+                v_keep = T.cast(1 - is_m, ACC)
+                for c in T.serial(T.ceildiv(length, C)):
+                    st = c % 2
+                    t0 = start + c * C
+                    rows = length - c * C                  # valid rows of this chunk (> 64 = all)
+                    T.barrier_wait(full[st], (c // 2) % 2)
+                    # wgmma groups complete in issue order: wait_wgmma(1) = all but the latest one
+                    T.wgmma_gemm(k_s[st, :, :], s_s, ks, clear_accum=True)
+                    if not warmup:
+                        T.wgmma_gemm(q_s[st, :, :], s_s, out, clear_accum=True)
+                    T.wait_wgmma(0 if warmup else 1)           # K S done; Q S runs on under the W update
+                    for i, j in T.Parallel(C, BV):
+                        w_s[i, j] = v_keep * v_s[st, i, j] - T.if_then_else(i < rows, cf_s[st, i, 0], 0.0) * ks[i, j]
+                    T.wgmma_gemm(ag_s[st, :, :], w_s, vn, clear_accum=True)
+                    if not warmup:
+                        T.wait_wgmma(1)                        # Q S done; Ag W runs on under the scalings
+                        for i, j in T.Parallel(C, BV):
+                            out[i, j] = out[i, j] * T.if_then_else(i < rows, cf_s[st, i, 1], 0.0)
+                    for i, j in T.Parallel(K, BV):
+                        S[i, j] = S[i, j] * cf_s[st, 0, 3]
+                    T.wait_wgmma(0)
+                    for i, j in T.Parallel(C, BV):
+                        if not warmup:
+                            vn_s[i, j] = vn[i, j]                  # P V' operand (output only)
+                        vc_s[i, j] = vn[i, j] * T.if_then_else(i < rows, cf_s[st, i, 2], 0.0)
+                    T.wgmma_gemm(k_s[st, :, :], vc_s, S, transpose_A=True)
+                    if not warmup:
+                        T.wgmma_gemm(p_s[st, :, :], vn_s, out)
+                    T.wait_wgmma(0 if warmup else 1)           # new S done; P V' runs on under its restaging
+                    T.copy(S, s_s)
+                    if not warmup:
+                        T.wait_wgmma(0)
+                    T.barrier_arrive(empty[st])
+                    if not warmup:
+                        T.copy(out, o_s)                                # staged: 16-byte coalesced stores
+                        for i, j in T.Parallel(C, BV):
+                            if i < rows:
+                                o[t0 + i, h, v0 + j] = o_s[i, j]
+
+                if store_ht != 0:
+                    for i, j in T.Parallel(K, BV):
+                        if v_first != 0:
+                            ht[n + is_m * num_seqs, h, (v0 + j) * K + i] = S[i, j]
+                        else:
+                            ht[n + is_m * num_seqs, h, i * V + v0 + j] = S[i, j]
 
     return chunk_recurrence

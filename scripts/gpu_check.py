@@ -137,23 +137,20 @@ def timed(fn, graph: bool):
     return measure(lambda _: fn(), 1, TIMING_BUDGET).median_ms
 
 
-def cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf):
+def cp_parts(lens, H, HV, varlen, flat, mats, stats, o_buf):
     """The context-parallel forward's launches alone (planner's plan), for the time breakdown."""
     from flashdelta.gated_delta_rule.context_parallel import TRUNCATION_TAU
-    from flashdelta.gated_delta_rule.segments import SegmentTable, chunk_stats, warmup_spans
-    from flashdelta.gated_delta_rule.hopper.context_parallel import scan_kernel
+    from flashdelta.gated_delta_rule.segments import SegmentTable
+    from flashdelta.gated_delta_rule.hopper.context_parallel import scan_kernel, segment_windows
     from flashdelta.gated_delta_rule.planner import plan_forward
 
     dev = flat[0].device
     plan = plan_forward(tuple(lens), HV, 128, torch.cuda.get_device_properties(dev).multi_processor_count, True)
     table = SegmentTable.build(plan, tuple(lens), None if varlen else lens[0], dev)
-    S, tok = len(table.seq_lens), flat[0].shape[0]
-    gf, bf = g.view(tok, HV), beta.view(tok, HV)
+    S = len(table.seq_lens)
     ag, p, coef = mats
     ends = torch.empty(2 * (S + 1), HV, 128 * 128, dtype=torch.float32, device=dev)
-    _, chunks = hopper._tables(tuple(lens), None if varlen else lens[0], dev)
-    stats = chunk_stats(gf, bf, flat[1], chunks, HV // H, False)
-    spans, keep = warmup_spans(stats, table, TRUNCATION_TAU)
+    spans, keep = segment_windows(stats, table, TRUNCATION_TAU)
     h0 = torch.zeros(len(lens), HV, 128, 128, dtype=torch.float32, device=dev)
     starts = torch.empty(S + 1, HV, 128, 128, dtype=torch.float32, device=dev)
     r_chunks = (spans[..., 1] + 63) // 64
@@ -162,7 +159,7 @@ def cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf):
         f"R {int(r_chunks.sum())} (longest {int(r_chunks.max())}), M {int(m_chunks.sum())}; "
         f"kept M {int(keep.sum())} of {keep.numel()}")
     return {
-        "cp warm-up spans": lambda: warmup_spans(stats, table, TRUNCATION_TAU),
+        "cp windows": lambda: segment_windows(stats, table, TRUNCATION_TAU),
         "cp warm-up": lambda: hopper.warmup(*flat, ag, coef, spans, ends, plan.v_tile),
         "cp scan": lambda: scan_kernel()(ends[S + 1:].view(S + 1, HV, 128, 128), ends[:S + 1].view(S + 1, HV, 128, 128),
                                          keep, h0, table.order, starts),
@@ -215,7 +212,7 @@ def bench(rows, peers=True):
         seqs, chunks = hopper._tables(tuple(lens), None if varlen else lens[0], q.device)
         tok = q.shape[0] * q.shape[1]
         flat = (q.view(tok, H, 128), k.view(tok, H, 128), v.view(tok, HV, 128))
-        mats = hopper.prepare(*flat[:2], g, beta, chunks, HV, scale, False)
+        *mats, stats = hopper.prepare(*flat[:2], g, beta, chunks, HV, scale, False)
         o_buf = torch.empty(tok, HV, 128, dtype=q.dtype, device=q.device)
         h0f = s0.view(len(lens), HV, -1)
         ht_buf = torch.empty_like(h0f)
@@ -224,7 +221,7 @@ def bench(rows, peers=True):
             parts[f"recur BV={bv}"] = lambda bv=bv: hopper.recur(*flat, *mats, seqs, h0f, o_buf, ht_buf, False, bv)
         if name == few_ctas:
             try:
-                parts.update(cp_parts(lens, H, HV, varlen, flat, g, beta, mats, o_buf))
+                parts.update(cp_parts(lens, H, HV, varlen, flat, mats, stats, o_buf))
             except Exception:
                 log(f"bench {name} cp parts ERROR\n{traceback.format_exc()}")
         for pname, fn in parts.items():

@@ -68,27 +68,32 @@ def test_planned_segments_one_long_sequence():
     check([131072], 1, 4, varlen=False, context_parallel=True, seed=3, reference="torch")
 
 
-def test_segment_windows_matches_its_reference():
-    """``segment_windows`` against ``segments.warmup_spans``, exactly: g is drawn on a 2^-10 grid with
-    |g| <= 1, so every sum of it is exact in any order."""
+def test_warmup_plan_kernels_match_their_references():
+    """``chunk_matrices``' per-chunk statistics and ``segment_windows``' spans against the PyTorch
+    references, exactly: g is drawn on a 2^-10 grid with |g| <= 1, so every sum of it is exact in any
+    order."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an SM90 (Hopper) GPU")
     from flashdelta.gated_delta_rule.context_parallel import TRUNCATION_TAU
     from flashdelta.gated_delta_rule.hopper.context_parallel import segment_windows
-    from flashdelta.gated_delta_rule.hopper.forward import _tables
+    from flashdelta.gated_delta_rule.hopper.forward import _tables, prepare
     from flashdelta.gated_delta_rule.planner import plan_forward
     from flashdelta.gated_delta_rule.segments import SegmentTable, chunk_stats, warmup_spans
 
     lens, H, HV = (3000, 129, 0, 4100, 64), 2, 8
     gen = torch.Generator().manual_seed(4)
-    _, k, _, g, beta, _ = make_inputs(1, sum(lens), H, HV, 128, 128, h0=False, generator=gen)
+    q, k, _, g, beta, _ = make_inputs(1, sum(lens), H, HV, 128, 128, h0=False, generator=gen)
     g = (mixed_gates(g).clamp(min=-1) * 1024).round() / 1024
     k[:, 500:700] *= 3                                  # beta |k|^2 = 9 beta: above 2 for most of these
-    k, g, beta = k.to(DEV, torch.bfloat16), g.to(DEV, torch.float32), beta.to(DEV, torch.float32)
+    q, k, g, beta = q.to(DEV, torch.bfloat16), k.to(DEV, torch.bfloat16), g.to(DEV).float(), beta.to(DEV).float()
+    tokens = sum(lens)
     _, chunks = _tables(lens, None, torch.device(DEV))
     table = SegmentTable.build(plan_forward(lens, HV, 128, 132, context_parallel=4), lens, None, torch.device(DEV))
     for l2 in (False, True):
-        stats = chunk_stats(g, beta, k, chunks, HV // H, l2)
+        *_, stats = prepare(q.view(tokens, H, 128), k.view(tokens, H, 128), g.view(tokens, HV),
+                            beta.view(tokens, HV), chunks, HV, 128 ** -0.5, l2)
+        assert torch.equal(stats, chunk_stats(g, beta, k, chunks, HV // H, l2))
+        assert bool(stats[..., 1].any()) != l2
         spans, keep = segment_windows(stats, table, TRUNCATION_TAU)
         want_spans, want_keep = warmup_spans(stats, table, TRUNCATION_TAU)
         assert torch.equal(spans, want_spans) and torch.equal(keep, want_keep)

@@ -1,17 +1,28 @@
 """Per-chunk preparation kernel: everything about a 64-token chunk that does not depend on the state.
 
-One CTA per (chunk, value head), all chunks of all sequences at once. For chunk rows i, j (valid rows
-only, DESIGN section 2) it writes, indexed by token like the inputs:
+One CTA per (chunk, q/k head), all chunks of all sequences at once: q / k are loaded and K K^T, Q K^T
+formed once, then the CTA loops over the value heads of its GVA group (only beta and g differ). For
+chunk rows i, j (valid rows only, DESIGN section 2) it writes, indexed by token like the inputs:
 
 - ``ag[t, h, :]``  = row i of ``Ag = (Gamma * A0) diag(beta)`` with ``A0 = (I + StrictLower(diag(beta) K K^T))^-1``
 - ``p[t, h, :]``   = row i of ``P = scale * Gamma * Lower(Q K^T)``
 - ``coef[t, h, :]`` = (e^g_i rk_i, scale e^g_i rq_i, e^(g_C - g_i) rk_i, e^g_C), g = gate cumsum in the chunk,
-  g_C that of its last valid token, rq / rk the in-kernel l2-norm factors (1 when disabled).
+  g_C that of its last valid token, rq / rk the in-kernel l2-norm factors (1 when disabled);
+- ``stats[c, h, :]`` = (g_C, tokens with beta |k|^2 outside [0, 2]) per chunk, for context parallelism.
 
 Folding the l2-norm into row factors lets the sequential kernel read raw q / k and stay the same with
-or without it. A0 is inverted by blocks: forward substitution on the four 16 x 16 diagonal blocks
-(D = their inverses), then with M = D L_off (L_off the strictly block-lower part, M^4 = 0)
-``A0 = (I - M (I - M (I - M))) D`` as three tf32 tensor-core GEMMs and one more for the product with D.
+or without it. A0 is inverted by blocks. With Kd / Ko the parts of Kn Kn^T in / below the four 16 x 16
+diagonal blocks (Kd without its diagonal), fp32 substitution gives the diagonal blocks'
+inverses D = (I + diag(beta) StrictLower(Kd))^-1, and with M = D diag(beta) Ko (M^4 = 0)
+``A0 = (I + M)^-1 D = D - M D + M^2 D - M^3 D``: four tf32 wgmma GEMMs. wgmma wants both operands
+K-major, so each GEMM is X Y^T with X, Y stored row-major, ordered so that every result is stored as it
+comes out of the accumulator, never transposed (Kn Kn^T is symmetric: Ko^T is a mask of it):
+
+    M = (D diag(beta)) (Ko^T)^T,  V1^T = D^T - D^T M^T,  W = diag(beta) (D^T - V1^T M^T) = (V2 diag(beta))^T,
+    A0 diag(beta) = D diag(beta) - M W^T.
+
+Everything that depends only on q / k (Ko^T, Kd, the scaled Q K^T) is formed once per CTA; a value head
+costs the substitution, the four GEMMs and the output epilogue.
 """
 
 import tilelang.language as T
@@ -39,19 +50,23 @@ def chunk_matrices_kernel(K: int, dtype: str):
         ag: T.Tensor((num_tokens, v_heads, C), dtype),
         p: T.Tensor((num_tokens, v_heads, C), dtype),
         coef: T.Tensor((num_tokens, v_heads, 4), ACC),
+        stats: T.Tensor((num_chunks, v_heads, 2), ACC),
         scale: T.float32,
         l2norm: T.int32,
     ):
-        # 1-D grid (no 65535 limit), value heads fastest: the heads sharing a q/k tile run together (L2
-        # reuse) and write adjacent rows
-        with T.Kernel(num_chunks * v_heads, threads=128) as (b,):
-            h = b % v_heads
-            c = b // v_heads
+        # 1-D grid (no 65535 limit), q/k heads fastest: neighbouring CTAs read neighbouring q / k rows
+        with T.Kernel(num_chunks * qk_heads, threads=128) as (cta,):
+            hk = cta % qk_heads
+            c = cta // qk_heads
+            group = v_heads // qk_heads
             t0 = chunks[c, 0]
             n = chunks[c, 1]
-            hk = h // (v_heads // qk_heads)
             tx = T.get_thread_binding()
-            T.annotate_min_blocks_per_sm(4)         # latency-bound: keep registers <= 128 for 4 CTAs per SM
+            # head numbers held in registers: as expressions, their divisions were redone at every store
+            heads = T.alloc_local((2,), "int32")    # first value head of the group, the group's last
+            heads[0] = hk * group
+            heads[1] = heads[0] + group - 1
+            T.annotate_min_blocks_per_sm(3)         # 73 KB of shared memory: 3 CTAs per SM, <= 168 registers
 
             k_s = T.alloc_shared((C, K), dtype)
             q_s = T.alloc_shared((C, K), dtype)
@@ -60,27 +75,36 @@ def chunk_matrices_kernel(K: int, dtype: str):
             bet = T.alloc_shared((C,), ACC)
             rk = T.alloc_shared((C,), ACC)
             rq = T.alloc_shared((C,), ACC)
-            mat = T.alloc_shared((C, C), ACC)       # N, then D, then M, then Y
-            mat_t = T.alloc_shared((C, C), ACC)     # B operands, stored transposed (K-major, as tf32 MMA needs)
-            diag = T.alloc_shared((C, B), ACC)      # the four inverted 16 x 16 diagonal blocks, stacked
-            ag_s = T.alloc_shared((C, C), dtype)    # outputs staged for wide, coalesced stores
-            p_s = T.alloc_shared((C, C), dtype)
+            k2 = T.alloc_shared((C,), ACC)          # |k|^2 after the l2-norm (for the CP statistics)
+            kd = T.alloc_shared((C, B), ACC)        # Kd, the four blocks stacked (rows read by the substitution)
+            dg = T.alloc_shared((C, B), ACC)        # D diag(beta), stacked likewise (for A0's diagonal blocks)
+            # tf32 GEMM operands; written through fp32 views (no conversion: the tensor cores read the
+            # top 19 bits)
+            ko_s = T.alloc_shared((C, C), T.tfloat32)   # Ko^T
+            d_s = T.alloc_shared((C, C), T.tfloat32)    # D diag(beta), then V1^T, then W, then the outputs
+            dt_s = T.alloc_shared((C, C), T.tfloat32)   # D^T; its off-diagonal blocks stay 0
+            m_s = T.alloc_shared((C, C), T.tfloat32)    # M
+            ko_f = T.view(ko_s, dtype=ACC)
+            d_f = T.view(d_s, dtype=ACC)
+            dt_f = T.view(dt_s, dtype=ACC)
+            m_f = T.view(m_s, dtype=ACC)
+            out_s = T.view(d_s, (C, 2 * C), dtype)  # Ag | P staged (rows as d_s's) for wide, coalesced stores
 
             qq = T.alloc_fragment((C, C), ACC)
             kk = T.alloc_fragment((C, C), ACC)
-            acc = T.alloc_fragment((C, C), ACC)     # tf32 products (their own fragment layout)
             qk = T.alloc_fragment((C, C), ACC)
+            acc = T.alloc_fragment((C, C), ACC)     # all wgmma accumulators: one layout, mixed freely
+            pf = T.alloc_fragment((C, C), ACC)      # Gamma, then P
             col = T.alloc_local((B,), ACC)
+            broken = T.alloc_fragment((C, 2), ACC)  # per row: (g_C on the last valid row, norm condition broken)
+            chunk_stat = T.alloc_fragment((2,), ACC)
+            gb = T.alloc_local((1,), ACC)           # this thread's g (threads < 64) or beta of the next head
 
             # Rows past the chunk's end belong to the next sequence (or lie past T: TMA fills zeros);
-            # every use below masks them.
+            # beta is 0 there and those output rows are not stored.
             T.tma_copy(k[t0:t0 + C, hk, 0:K], k_s, barrier=loaded)
             T.tma_copy(q[t0:t0 + C, hk, 0:K], q_s, barrier=loaded)
             T.barrier_arrive(loaded)
-            for i in T.Parallel(C):
-                gam[i] = T.if_then_else(i < n, g[t0 + i, h], 0.0)
-                bet[i] = T.if_then_else(i < n, beta[t0 + i, h], 0.0)
-            T.cumsum(gam, dim=0)
             T.barrier_wait(loaded, 0)
 
             T.gemm(k_s, k_s, kk, transpose_B=True, clear_accum=True)
@@ -97,56 +121,104 @@ def chunk_matrices_kernel(K: int, dtype: str):
             else:
                 for i in T.Parallel(C):
                     rq[i] = 1.0
+            # the head-independent parts, after the last use of q_s / k_s (whose space they take)
+            for i, j in T.Parallel(C, C):
+                kk[i, j] = kk[i, j] * rk[i] * rk[j]
+                qk[i, j] = qk[i, j] * rq[i] * rk[j] * scale
+            for i, j in T.Parallel(C, C):
+                if i == j:
+                    k2[i] = kk[i, j]
+            for i, j in T.Parallel(C, C):
+                ko_f[i, j] = T.if_then_else(i // B < j // B, kk[i, j], 0.0)
+                dt_f[i, j] = 0.0
+                if i // B == j // B:
+                    kd[i, j % B] = T.if_then_else(i != j, kk[i, j], 0.0)
 
-            # N = StrictLower(diag(beta) Kn Kn^T), Kn the normalised keys
-            for i, j in T.Parallel(C, C):
-                mat[i, j] = T.if_then_else(i > j, kk[i, j] * bet[i] * rk[i] * rk[j], 0.0)
-
-            # forward substitution in the diagonal blocks, one thread per (block, column), the column in
-            # registers: X_i = e_i - sum_{j<i} N_ij X_j (unrolled at trace time)
-            if tx < C:
-                b = tx // B
-                e = tx % B
-                for i in list(range(B)):
-                    col[i] = T.if_then_else(e == i, 1.0, 0.0) - sum(
-                        [mat[b * B + i, b * B + j] * col[j] for j in range(i)], T.float32(0))
-                for i in list(range(B)):
-                    diag[b * B + i, e] = col[i]
-
-            # mat_t = L_off^T, then mat = D
-            for i, j in T.Parallel(C, C):
-                mat_t[j, i] = T.if_then_else(i // B > j // B, mat[i, j], 0.0)
-            for i, j in T.Parallel(C, C):
-                mat[i, j] = T.if_then_else(i // B == j // B, diag[i, j % B], 0.0)
-            T.gemm(mat, mat_t, acc, transpose_B=True, clear_accum=True)        # M = D L_off
-            for i, j in T.Parallel(C, C):
-                mat[i, j] = acc[i, j]
-                mat_t[j, i] = T.if_then_else(i == j, 1.0, 0.0) - acc[i, j]   # Z = I - M
-            for _ in T.serial(2):                                             # Z = I - M Z, twice
-                T.gemm(mat, mat_t, acc, transpose_B=True, clear_accum=True)
+            # g and beta of a head are loaded one head ahead, their latency hidden behind the previous head
+            row = tx % C
+            if row < n:
+                gb[0] = T.if_then_else(tx < C, g[t0 + row, heads[0]], beta[t0 + row, heads[0]])
+            else:
+                gb[0] = 0.0
+            for r in T.serial(group):
+                h = heads[0] + r
+                if tx < C:
+                    gam[row] = gb[0]
+                else:
+                    bet[row] = gb[0]
+                if row < n:
+                    gb[0] = T.if_then_else(tx < C, g[t0 + row, T.min(h + 1, heads[1])],
+                                           beta[t0 + row, T.min(h + 1, heads[1])])
+                T.cumsum(gam, dim=0)
                 for i, j in T.Parallel(C, C):
-                    mat_t[j, i] = T.if_then_else(i == j, 1.0, 0.0) - acc[i, j]
-            for i, j in T.Parallel(C, C):
-                mat[i, j] = mat_t[j, i]                                       # Y = (I + M)^-1
-            for i, j in T.Parallel(C, C):
-                mat_t[j, i] = T.if_then_else(i // B == j // B, diag[i, j % B], 0.0)   # D^T
-            T.gemm(mat, mat_t, acc, transpose_B=True, clear_accum=True)        # A0 = Y D
+                    if i // B != j // B:
+                        d_f[i, j] = 0.0
 
-            last = gam[T.max(n, 1) - 1]
-            for i, j in T.Parallel(C, C):
-                ag_s[i, j] = T.if_then_else(i >= j and i < n, acc[i, j] * T.exp(gam[i] - gam[j]) * bet[j], 0.0)
-            for i, j in T.Parallel(C, C):
-                p_s[i, j] = T.if_then_else(i >= j and i < n,
-                                           qk[i, j] * T.exp(gam[i] - gam[j]) * rq[i] * rk[j] * scale, 0.0)
-            for i, j in T.Parallel(C, C):
-                if i < n:
-                    ag[t0 + i, h, j] = ag_s[i, j]
-                    p[t0 + i, h, j] = p_s[i, j]
-            for i in T.Parallel(C):
-                if i < n:
-                    coef[t0 + i, h, 0] = T.exp(gam[i]) * rk[i]
-                    coef[t0 + i, h, 1] = T.exp(gam[i]) * rq[i] * scale
-                    coef[t0 + i, h, 2] = T.exp(last - gam[i]) * rk[i]
-                    coef[t0 + i, h, 3] = T.exp(last)
+                # D by substitution, unrolled at trace time, the vector in registers; each thread writes a
+                # column of its matrix (consecutive threads, consecutive addresses) and reads Kd by rows.
+                # Threads 0-63: column e of block bk, x_i = [i == e] - beta_i sum_{j<i} Kd_ij x_j -> D diag(beta).
+                # Threads 64-127: row e of block bk, x_j = [j == e] - sum_{i>j} x_i beta_i Kd_ji -> D^T.
+                bk = (tx % C) // B
+                e = tx % B
+                if tx < C:
+                    for i in list(range(B)):
+                        col[i] = T.if_then_else(e == i, 1.0, 0.0) - bet[bk * B + i] * sum(
+                            [kd[bk * B + i, j] * col[j] for j in range(i)], T.float32(0))
+                    for i in list(range(B)):
+                        d_f[bk * B + i, bk * B + e] = col[i] * bet[bk * B + e]
+                        dg[bk * B + i, e] = col[i] * bet[bk * B + e]
+                else:
+                    for j in list(reversed(range(B))):
+                        col[j] = T.if_then_else(e == j, 1.0, 0.0) - sum(
+                            [col[i] * kd[bk * B + j, i] for i in range(j + 1, B)], T.float32(0))
+                        dt_f[bk * B + j, bk * B + e] = col[j]
+                        col[j] = col[j] * bet[bk * B + j]
+
+                # Epilogues update the accumulator first and store it in a second loop: a loop that reads
+                # shared memory and writes it gets a barrier in every iteration. Select (always in bounds),
+                # not if_then_else: a branch per element costs more than the load.
+                T.gemm(d_s, ko_s, acc, transpose_B=True, clear_accum=True)
+                T.copy(acc, m_f)
+                T.gemm(dt_s, m_s, acc, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(C, C):
+                    acc[i, j] = T.Select(i // B == j // B, dt_f[i, j], 0.0) - acc[i, j]
+                T.copy(acc, d_f)                                                    # V1^T
+                T.gemm(d_s, m_s, acc, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(C, C):
+                    acc[i, j] = (T.Select(i // B == j // B, dt_f[i, j], 0.0) - acc[i, j]) * bet[i]
+                T.copy(acc, d_f)                                                    # W
+                T.gemm(m_s, d_s, acc, transpose_B=True, clear_accum=True)
+
+                # A0 diag(beta): D diag(beta) on the diagonal blocks, -M W^T below; both are
+                # exactly 0 above the diagonal, so only P needs the mask (and Gamma a finite exponent).
+                # A mask product, not a select: predicated loads would not be shared between elements.
+                for i, j in T.Parallel(C, C):
+                    pf[i, j] = T.exp((gam[i] - gam[j]) * T.Cast(ACC, i >= j))
+                for i, j in T.Parallel(C, C):
+                    acc[i, j] = (T.Select(i // B == j // B, dg[i, j % B], 0.0) - acc[i, j]) * pf[i, j]
+                    pf[i, j] = T.Select(i >= j, qk[i, j] * pf[i, j], 0.0)
+                for i, j in T.Parallel(C, C):
+                    out_s[i, j] = acc[i, j]
+                    out_s[i, C + j] = pf[i, j]
+                for i, j in T.Parallel(C, C):
+                    if i < n:
+                        ag[t0 + i, h, j] = out_s[i, j]
+                        p[t0 + i, h, j] = out_s[i, C + j]
+                last = gam[T.max(n, 1) - 1]
+                for i in T.Parallel(C):
+                    if i < n:
+                        coef[t0 + i, h, 0] = T.exp(gam[i]) * rk[i]
+                        coef[t0 + i, h, 1] = T.exp(gam[i]) * rq[i] * scale
+                        coef[t0 + i, h, 2] = T.exp(last - gam[i]) * rk[i]
+                        coef[t0 + i, h, 3] = T.exp(last)
+                # context parallelism's truncation test (segments.chunk_stats): the chunk's summed g, and
+                # how many of its tokens break 0 <= beta |k|^2 <= 2
+                for i, j in T.Parallel(C, 2):
+                    broken[i, j] = T.if_then_else(
+                        j == 0, T.Select(i == n - 1, gam[i], 0.0),
+                        T.Select(i < n and (bet[i] * k2[i] < 0.0 or bet[i] * k2[i] > 2.0), 1.0, 0.0))
+                T.reduce_sum(broken, chunk_stat, dim=0)
+                for j in T.Parallel(2):
+                    stats[c, h, j] = chunk_stat[j]
 
     return chunk_matrices

@@ -3,7 +3,7 @@
 Launches, none waiting on the host:
 
 1. ``chunk_matrices`` once for all chunks (segments start on chunk boundaries, so the per-chunk
-   operators are shared by both passes);
+   operators are shared by both passes), with each chunk's decay and norm-condition statistics;
 2. ``segment_windows``: the truncation test and warm-up spans per (segment, head), from per-chunk
    statistics (reference: ``segments.warmup_spans``);
 3. ``chunk_recurrence`` in its state-only warm-up variant: R over each segment (or only its window,
@@ -16,7 +16,7 @@ import functools
 import torch
 
 from ..context_parallel import TRUNCATION_TAU
-from ..segments import SegmentTable, chunk_stats
+from ..segments import SegmentTable
 from .forward import CHUNK, DTYPES, _compile, _tables, prepare, ready, recur, warmup
 from .segment_scan import segment_scan_kernel
 from .segment_windows import segment_windows_kernel
@@ -64,8 +64,7 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
         (initial_state.transpose(-1, -2) if state_v_first else initial_state).to(torch.float32).contiguous()
 
     with torch.cuda.device(dev):
-        ag, p, coef = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
-        stats = chunk_stats(gf, bf, kf, chunks, HV // H, use_qk_l2norm_in_kernel)
+        ag, p, coef, stats = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
         spans, keep = segment_windows(stats, table, tau)
         ends = torch.empty(2 * (S + 1), HV, K * V, dtype=torch.float32, device=dev)
         warmup(qf, kf, vf, ag, coef, spans, ends, plan.v_tile)

@@ -119,21 +119,23 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
     seqs, chunks = _tables(seq_lens, Tn if cu_seqlens is None else None, dev)
     flat = (q.contiguous().view(tokens, H, K), k.contiguous().view(tokens, H, K), v.contiguous().view(tokens, HV, V))
     with torch.cuda.device(dev):          # TileLang launches on the current device's current stream
-        mats = prepare(*flat[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
-        recur(*flat, *mats, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
+        ag, p, coef, _ = prepare(*flat[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
+        recur(*flat, ag, p, coef, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
     return o, _final(ht, N, HV, K, V, state_v_first)
 
 
 def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool):
-    """Kernel 1 on flat [tokens, heads, dim] inputs: (ag, p, coef) for every chunk and value head."""
+    """Kernel 1 on flat [tokens, heads, dim] inputs: (ag, p, coef) for every chunk and value head, and
+    the per-chunk statistics [num_chunks, HV, 2] context parallelism's truncation test reads."""
     tokens = q.shape[0]
     ag = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=q.device)
     p = torch.empty_like(ag)
     coef = torch.empty(tokens, HV, 4, dtype=torch.float32, device=q.device)
+    stats = torch.empty(chunks.shape[0], HV, 2, dtype=torch.float32, device=q.device)
     matrices_kernel(DTYPES[q.dtype])(q, k, g.to(torch.float32).contiguous().view(tokens, HV),
                                      beta.to(torch.float32).contiguous().view(tokens, HV), chunks, ag, p, coef,
-                                     float(scale), int(bool(l2norm)))
-    return ag, p, coef
+                                     stats, float(scale), int(bool(l2norm)))
+    return ag, p, coef, stats
 
 
 def recur(q, k, v, ag, p, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):

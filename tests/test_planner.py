@@ -14,11 +14,28 @@ def auto_cp(monkeypatch):
     plan_forward.cache_clear()
 
 
-def test_auto_cp_off_by_default_until_measured_faster(monkeypatch):
+def test_auto_cp_can_be_switched_off(monkeypatch):
+    assert planner.TUNING["auto_context_parallel"]          # on by default: measured faster (NOTES.md)
     monkeypatch.setitem(planner.TUNING, "auto_context_parallel", False)
     plan_forward.cache_clear()
     assert not plan_forward((32768,), 8, 128, 132).context_parallel
     assert plan_forward((32768,), 8, 128, 132, context_parallel=True).context_parallel
+
+
+@pytest.mark.parametrize("seq_lens,hv,want", [
+    ((32768,), 8, (128, 32)), ((8192,), 8, (64, 16)), ((2048,), 8, (64, None)), ((32768,), 16, (128, 64)),
+    ((32768,), 64, (64, None)), ((2048,) * 4, 32, (128, None))])
+def test_fitted_choices(seq_lens, hv, want):
+    """The best measured layouts of the tuning run (H100, 132 SMs) that the fitted model reproduces."""
+    plan = plan_forward(seq_lens, hv, 128, 132)
+    assert (plan.v_tile, plan.segment_chunks) == want
+
+
+def test_segment_count_fits_one_launch():
+    plan = plan_forward((64 * 4,) * 70000, 1, 128, 132, context_parallel=True)
+    assert not plan.context_parallel                # 70000 segments would not fit: unsplit
+    with pytest.raises(ValueError, match="context_parallel"):
+        plan_forward((64 * 4,) * 70000, 1, 128, 132, context_parallel=1)
 
 
 @pytest.mark.parametrize("seq_lens,hv", [((8192,) * 4, 32), ((4096,) * 8, 32), ((4096,) * 8, 64), ((8192,) * 4, 64)])
@@ -69,3 +86,9 @@ def test_segments_tile_each_sequence(seq_lens):
 
 def test_plans_are_cached():
     assert plan_forward((5000, 7000), 8, 128, 132) is plan_forward((5000, 7000), 8, 128, 132)
+
+
+def test_true_and_one_chunk_are_different_requests():
+    auto = plan_forward((32768,), 8, 128, 132, context_parallel=True)
+    one = plan_forward((32768,), 8, 128, 132, context_parallel=1)
+    assert auto.segment_chunks != 1 and one.segment_chunks == 1

@@ -12,9 +12,10 @@ there are enough such CTAs. When there are not, two levers help (DESIGN section 
 The planner evaluates a latency model over the candidates and picks the fastest (the per-chunk
 preparation costs the same either way and is left out):
 
-    unsplit(BV)   = waves(N * HV * V/BV) * longest * step(BV)
-    CP(L, BV)     = overhead + warm-up + scan + waves(segments * HV * V/BV) * L * step(BV)
-    warm-up       = waves(exact CTAs) * L * warmup_ratio * step(BV),   scan = segments per sequence * scan_step
+    steps(walks)  = max(longest walk, chunk steps of all CTAs / SMs)         (in chunk steps)
+    unsplit(BV)   = steps(sequences x HV x V/BV) * step(BV)
+    CP(L, BV)     = overhead + warm-up + scan + steps(segments x HV x V/BV) * step(BV)
+    warm-up       = steps(exact warm-ups, L each) * warmup_ratio * step(BV),  scan = segments per sequence * scan_step
 
 Its constants live in ``TUNING``; they came from the benchmark command recorded there.
 """
@@ -26,16 +27,17 @@ from functools import lru_cache
 CHUNK = 64
 MAX_SEGMENTS = 65535                 # the kernels' grid z extent
 
-# Latency-model constants, microseconds on an H100. Fitted to
-#   python scripts/gpu_check.py --skip-check --skip-peers --tune     (tune.json: forced layouts)
-# on 2026-11-25 (NVIDIA H100 80GB HBM3); see hopper/NOTES.md.
+# Latency-model constants, microseconds on an H100, fitted (scripts/fit_planner.py: the smallest
+# total regret of the modelled choice against the best measured layout; geomean slowdown 1.000 over
+# the 24 shapes) to the forced layouts timed by
+#   python scripts/gpu_check.py --skip-peers --tune      (tune.json; NVIDIA H100 80GB HBM3, 2026-11-25)
 TUNING = {
     "ctas_per_sm": 1,              # fused forward CTAs resident per SM (shared memory / registers)
-    "step_us": {128: 4.0, 64: 3.0},  # one chunk step of the fused forward, by V tile
-    "warmup_ratio": 0.8,           # a state-only step, relative to a full one
+    "step_us": {128: 3.0, 64: 2.0},  # one chunk step of the fused forward, by V tile
+    "warmup_ratio": 0.7,           # a state-only step, relative to a full one
     "exact_fraction": 0.5,         # share of (segment, head) warm-ups that need M (g ~ 0 heads), x2 CTAs
-    "scan_step_us": 3.6,           # one M S + R step of the segment scan
-    "cp_overhead_us": 15.0,        # the warm-up plan and scan launches
+    "scan_step_us": 3.5,           # one M S + R step of the segment scan
+    "cp_overhead_us": 60.0,        # the warm-up plan, scan and final-state launches, host work
     "min_segment_chunks": 4,       # shorter segments spend more on warm-up/scan than they save
     "max_segment_chunks": 64,
     # context_parallel=None lets the model choose between the unsplit and the CP forward
@@ -54,38 +56,46 @@ class Plan:
         return self.segment_chunks is not None
 
 
-def _waves(ctas: int, sm_count: int, ctas_per_sm: int) -> int:
-    return max(1, -(-ctas // (sm_count * ctas_per_sm)))
-
-
 def estimate(seq_chunks: tuple[int, ...], v_heads: int, v_dim: int, sm_count: int,
              v_tile: int, segment_chunks: int | None, tuning=TUNING) -> float:
     """Modelled latency in microseconds."""
     step = tuning["step_us"][v_tile]
     v_tiles = -(-v_dim // v_tile)
+    slots = sm_count * tuning["ctas_per_sm"]
+
+    def steps(lengths, ctas_each):
+        """Chunk steps until CTAs walking ``lengths`` chunks (``ctas_each`` CTAs per entry) are done:
+        the longest walk, or the total spread over the SMs, whichever is longer."""
+        return max(max(lengths, default=0), -(-sum(lengths) * ctas_each // slots))
+
     longest = max(seq_chunks, default=0)
-    waves = lambda ctas: _waves(ctas, sm_count, tuning["ctas_per_sm"])
     if segment_chunks is None or segment_chunks >= longest:
-        return waves(len(seq_chunks) * v_heads * v_tiles) * longest * step
+        return steps(seq_chunks, v_heads * v_tiles) * step
     L = segment_chunks
     per_seq = [-(-c // L) for c in seq_chunks]
-    segments = sum(per_seq)
-    exact = 2 * tuning["exact_fraction"] * (segments - len(seq_chunks)) * v_heads * v_tiles
-    warmup = waves(round(exact)) * L * tuning["warmup_ratio"] * step
+    pieces = [min(L, c - s) for c in seq_chunks for s in range(0, c, L)]
+    exact = [L] * round(2 * tuning["exact_fraction"] * (len(pieces) - len(seq_chunks)))
+    warmup = steps(exact, v_heads * v_tiles) * tuning["warmup_ratio"] * step
     scan = max(per_seq) * tuning["scan_step_us"]
-    output = waves(segments * v_heads * v_tiles) * L * step
-    return tuning["cp_overhead_us"] + warmup + scan + output
+    return tuning["cp_overhead_us"] + warmup + scan + steps(pieces, v_heads * v_tiles) * step
 
 
-@lru_cache(maxsize=256)
 def plan_forward(seq_lens: tuple[int, ...], v_heads: int, v_dim: int, sm_count: int,
                  context_parallel: bool | int | None = None) -> Plan:
-    """The fastest modelled layout for these per-sequence lengths (a pure function: cached).
+    """The fastest modelled layout for these per-sequence lengths (cached: repeated calls do no work).
 
     ``context_parallel``: None lets the model choose (if ``TUNING["auto_context_parallel"]``, else
     no split); False never splits; True always splits (best modelled segment length); an int forces
     that many chunks per segment.
     """
+    # bools and ints apart in the cache key: True == 1 would otherwise share an entry with 1 chunk
+    mode = context_parallel if context_parallel is None or isinstance(context_parallel, bool) else "forced"
+    forced = 0 if mode != "forced" else int(context_parallel)
+    return _plan(tuple(seq_lens), v_heads, v_dim, sm_count, mode, forced)
+
+
+@lru_cache(maxsize=256)
+def _plan(seq_lens, v_heads, v_dim, sm_count, context_parallel, forced) -> Plan:
     if context_parallel is None and not TUNING["auto_context_parallel"]:
         context_parallel = False
     seq_chunks = tuple(-(-n // CHUNK) for n in seq_lens)
@@ -103,13 +113,16 @@ def plan_forward(seq_lens: tuple[int, ...], v_heads: int, v_dim: int, sm_count: 
     elif context_parallel is False:
         lengths = [None]
     else:
-        if count(int(context_parallel)) > MAX_SEGMENTS:
-            raise ValueError(f"context_parallel={context_parallel} chunks per segment makes "
-                             f"{count(int(context_parallel))} segments; at most {MAX_SEGMENTS} fit one launch")
-        lengths = [int(context_parallel)]
+        if count(forced) > MAX_SEGMENTS:
+            raise ValueError(f"context_parallel={forced} chunks per segment makes {count(forced)} segments; "
+                             f"at most {MAX_SEGMENTS} fit one launch")
+        lengths = [forced]
     best = min(((estimate(seq_chunks, v_heads, v_dim, sm_count, t, L), -t, L or 0) for t in tiles for L in lengths))
     v_tile, L = -best[1], best[2] or None
     return Plan(v_tile, L, _segments(seq_lens, L) if L else ())
+
+
+plan_forward.cache_clear = _plan.cache_clear     # for tests and refits that change TUNING
 
 
 def _segments(seq_lens, segment_chunks):

@@ -23,6 +23,12 @@ comes out of the accumulator, never transposed (Kn Kn^T is symmetric: Ko^T is a 
 
 Everything that depends only on q / k (Ko^T, Kd, the scaled Q K^T) is formed once per CTA; a value head
 costs the substitution, the four GEMMs and the output epilogue.
+
+Shared memory is kept under 56 KB (4 CTAs per SM) with three 64 x 64 fp32 buffers: ``ko`` holds Ko^T
+above its block diagonal and the scaled Q K^T on and below it (those blocks only reach the diagonal and
+upper blocks of the first GEMM's result, which are masked to M's zeros); ``x1`` holds D diag(beta),
+then M; ``x2`` holds D^T, V1^T, W, each result written over its own operand once the GEMM is done. The
+diagonal blocks need no copies: V1^T and D^T share them, and those of D diag(beta) are those of W^T.
 """
 
 import tilelang.language as T
@@ -66,7 +72,7 @@ def chunk_matrices_kernel(K: int, dtype: str):
             heads = T.alloc_local((2,), "int32")    # first value head of the group, the group's last
             heads[0] = hk * group
             heads[1] = heads[0] + group - 1
-            T.annotate_min_blocks_per_sm(3)         # 73 KB of shared memory: 3 CTAs per SM, <= 168 registers
+            T.annotate_min_blocks_per_sm(4)         # 54 KB of shared memory: 4 CTAs per SM, <= 128 registers
 
             k_s = T.alloc_shared((C, K), dtype)
             q_s = T.alloc_shared((C, K), dtype)
@@ -77,24 +83,21 @@ def chunk_matrices_kernel(K: int, dtype: str):
             rq = T.alloc_shared((C,), ACC)
             k2 = T.alloc_shared((C,), ACC)          # |k|^2 after the l2-norm (for the CP statistics)
             kd = T.alloc_shared((C, B), ACC)        # Kd, the four blocks stacked (rows read by the substitution)
-            dg = T.alloc_shared((C, B), ACC)        # D diag(beta), stacked likewise (for A0's diagonal blocks)
             # tf32 GEMM operands; written through fp32 views (no conversion: the tensor cores read the
             # top 19 bits)
-            ko_s = T.alloc_shared((C, C), T.tfloat32)   # Ko^T
-            d_s = T.alloc_shared((C, C), T.tfloat32)    # D diag(beta), then V1^T, then W, then the outputs
-            dt_s = T.alloc_shared((C, C), T.tfloat32)   # D^T; its off-diagonal blocks stay 0
-            m_s = T.alloc_shared((C, C), T.tfloat32)    # M
+            ko_s = T.alloc_shared((C, C), T.tfloat32)   # Ko^T above the block diagonal, scaled Q K^T elsewhere
+            # the per-head operands take k_s / q_s's storage (same size), free after the head-independent part
+            x1_s = T.view(k_s, (C, C), T.tfloat32)      # D diag(beta), then M, then the outputs
+            x2_s = T.view(q_s, (C, C), T.tfloat32)      # D^T, then V1^T, then W
             ko_f = T.view(ko_s, dtype=ACC)
-            d_f = T.view(d_s, dtype=ACC)
-            dt_f = T.view(dt_s, dtype=ACC)
-            m_f = T.view(m_s, dtype=ACC)
-            out_s = T.view(d_s, (C, 2 * C), dtype)  # Ag | P staged (rows as d_s's) for wide, coalesced stores
+            x1_f = T.view(x1_s, dtype=ACC)
+            x2_f = T.view(x2_s, dtype=ACC)
+            out_s = T.view(x1_s, (C, 2 * C), dtype)  # Ag | P staged for wide, coalesced stores
 
             qq = T.alloc_fragment((C, C), ACC)
-            kk = T.alloc_fragment((C, C), ACC)
-            qk = T.alloc_fragment((C, C), ACC)
+            kk = T.alloc_fragment((C, C), ACC)      # K K^T, then per head Gamma and P
+            qk = T.alloc_fragment((C, C), ACC)      # setup only: kept in ko, no 64 x 64 fragment lives across heads
             acc = T.alloc_fragment((C, C), ACC)     # all wgmma accumulators: one layout, mixed freely
-            pf = T.alloc_fragment((C, C), ACC)      # Gamma, then P
             col = T.alloc_local((B,), ACC)
             broken = T.alloc_fragment((C, 2), ACC)  # per row: (g_C on the last valid row, norm condition broken)
             chunk_stat = T.alloc_fragment((2,), ACC)
@@ -107,9 +110,9 @@ def chunk_matrices_kernel(K: int, dtype: str):
             T.barrier_arrive(loaded)
             T.barrier_wait(loaded, 0)
 
+            # l2-norm factors from the diagonals of K K^T and Q Q^T; Q K^T last, so that at most two
+            # 64 x 64 fragments are live
             T.gemm(k_s, k_s, kk, transpose_B=True, clear_accum=True)
-            T.gemm(q_s, k_s, qk, transpose_B=True, clear_accum=True)
-            # l2-norm factors from the diagonals of K K^T and Q Q^T
             for i, j in T.Parallel(C, C):
                 if i == j:
                     rk[i] = T.if_then_else(l2norm != 0, T.rsqrt(kk[i, j] + 1e-6), 1.0)
@@ -121,7 +124,8 @@ def chunk_matrices_kernel(K: int, dtype: str):
             else:
                 for i in T.Parallel(C):
                     rq[i] = 1.0
-            # the head-independent parts, after the last use of q_s / k_s (whose space they take)
+            T.gemm(q_s, k_s, qk, transpose_B=True, clear_accum=True)
+            # the head-independent parts; q_s / k_s are free from here on (x1 / x2)
             for i, j in T.Parallel(C, C):
                 kk[i, j] = kk[i, j] * rk[i] * rk[j]
                 qk[i, j] = qk[i, j] * rq[i] * rk[j] * scale
@@ -129,8 +133,7 @@ def chunk_matrices_kernel(K: int, dtype: str):
                 if i == j:
                     k2[i] = kk[i, j]
             for i, j in T.Parallel(C, C):
-                ko_f[i, j] = T.if_then_else(i // B < j // B, kk[i, j], 0.0)
-                dt_f[i, j] = 0.0
+                ko_f[i, j] = T.if_then_else(i // B < j // B, kk[i, j], qk[i, j])
                 if i // B == j // B:
                     kd[i, j % B] = T.if_then_else(i != j, kk[i, j], 0.0)
 
@@ -152,7 +155,8 @@ def chunk_matrices_kernel(K: int, dtype: str):
                 T.cumsum(gam, dim=0)
                 for i, j in T.Parallel(C, C):
                     if i // B != j // B:
-                        d_f[i, j] = 0.0
+                        x1_f[i, j] = 0.0
+                        x2_f[i, j] = 0.0
 
                 # D by substitution, unrolled at trace time, the vector in registers; each thread writes a
                 # column of its matrix (consecutive threads, consecutive addresses) and reads Kd by rows.
@@ -165,41 +169,41 @@ def chunk_matrices_kernel(K: int, dtype: str):
                         col[i] = T.if_then_else(e == i, 1.0, 0.0) - bet[bk * B + i] * sum(
                             [kd[bk * B + i, j] * col[j] for j in range(i)], T.float32(0))
                     for i in list(range(B)):
-                        d_f[bk * B + i, bk * B + e] = col[i] * bet[bk * B + e]
-                        dg[bk * B + i, e] = col[i] * bet[bk * B + e]
+                        x1_f[bk * B + i, bk * B + e] = col[i] * bet[bk * B + e]
                 else:
                     for j in list(reversed(range(B))):
                         col[j] = T.if_then_else(e == j, 1.0, 0.0) - sum(
                             [col[i] * kd[bk * B + j, i] for i in range(j + 1, B)], T.float32(0))
-                        dt_f[bk * B + j, bk * B + e] = col[j]
+                        x2_f[bk * B + j, bk * B + e] = col[j]
                         col[j] = col[j] * bet[bk * B + j]
 
                 # Epilogues update the accumulator first and store it in a second loop: a loop that reads
                 # shared memory and writes it gets a barrier in every iteration. Select (always in bounds),
                 # not if_then_else: a branch per element costs more than the load.
-                T.gemm(d_s, ko_s, acc, transpose_B=True, clear_accum=True)
-                T.copy(acc, m_f)
-                T.gemm(dt_s, m_s, acc, transpose_B=True, clear_accum=True)
+                T.gemm(x1_s, ko_s, acc, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
-                    acc[i, j] = T.Select(i // B == j // B, dt_f[i, j], 0.0) - acc[i, j]
-                T.copy(acc, d_f)                                                    # V1^T
-                T.gemm(d_s, m_s, acc, transpose_B=True, clear_accum=True)
+                    x1_f[i, j] = T.Select(i // B > j // B, acc[i, j], 0.0)         # M
+                T.gemm(x2_s, x1_s, acc, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
-                    acc[i, j] = (T.Select(i // B == j // B, dt_f[i, j], 0.0) - acc[i, j]) * bet[i]
-                T.copy(acc, d_f)                                                    # W
-                T.gemm(m_s, d_s, acc, transpose_B=True, clear_accum=True)
+                    acc[i, j] = T.Select(i // B == j // B, x2_f[i, j], 0.0) - acc[i, j]
+                T.copy(acc, x2_f)                                                   # V1^T
+                T.gemm(x2_s, x1_s, acc, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(C, C):
+                    acc[i, j] = (T.Select(i // B == j // B, x2_f[i, j], 0.0) - acc[i, j]) * bet[i]
+                T.copy(acc, x2_f)                                                   # W
+                T.gemm(x1_s, x2_s, acc, transpose_B=True, clear_accum=True)
 
-                # A0 diag(beta): D diag(beta) on the diagonal blocks, -M W^T below; both are
+                # A0 diag(beta): D diag(beta) (= W^T) on the diagonal blocks, -M W^T below; both are
                 # exactly 0 above the diagonal, so only P needs the mask (and Gamma a finite exponent).
                 # A mask product, not a select: predicated loads would not be shared between elements.
                 for i, j in T.Parallel(C, C):
-                    pf[i, j] = T.exp((gam[i] - gam[j]) * T.Cast(ACC, i >= j))
+                    kk[i, j] = T.exp((gam[i] - gam[j]) * T.Cast(ACC, i >= j))
                 for i, j in T.Parallel(C, C):
-                    acc[i, j] = (T.Select(i // B == j // B, dg[i, j % B], 0.0) - acc[i, j]) * pf[i, j]
-                    pf[i, j] = T.Select(i >= j, qk[i, j] * pf[i, j], 0.0)
+                    acc[i, j] = (T.Select(i // B == j // B, x2_f[j, i], 0.0) - acc[i, j]) * kk[i, j]
+                    kk[i, j] = T.Select(i >= j, ko_f[i, j] * kk[i, j], 0.0)
                 for i, j in T.Parallel(C, C):
                     out_s[i, j] = acc[i, j]
-                    out_s[i, C + j] = pf[i, j]
+                    out_s[i, C + j] = kk[i, j]
                 for i, j in T.Parallel(C, C):
                     if i < n:
                         ag[t0 + i, h, j] = out_s[i, j]

@@ -36,6 +36,10 @@ def test_segment_count_fits_one_launch():
     assert not plan.context_parallel                # 70000 segments would not fit: unsplit
     with pytest.raises(ValueError, match="context_parallel"):
         plan_forward((64 * 4,) * 70000, 1, 128, 132, context_parallel=1)
+    # the warm-up launch has one grid row per segment plus the "none" row, 65535 at most
+    assert len(plan_forward((64,) * 65534, 1, 128, 132, context_parallel=1).segments) == 65534
+    with pytest.raises(ValueError, match="context_parallel"):
+        plan_forward((64,) * 65535, 1, 128, 132, context_parallel=1)
 
 
 @pytest.mark.parametrize("seq_lens,hv", [((8192,) * 4, 32), ((4096,) * 8, 32), ((4096,) * 8, 64), ((8192,) * 4, 64)])

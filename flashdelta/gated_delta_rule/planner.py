@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 CHUNK = 64
-MAX_SEGMENTS = 65535                 # the kernels' grid z extent
+MAX_SEGMENTS = 65535 - 1             # the warm-up's grid z extent holds the segments and one "none" row
 
 # Latency-model constants, microseconds on an H100, fitted (scripts/fit_planner.py: the smallest
 # total regret of the modelled choice against the best measured layout; geomean slowdown 1.000 over

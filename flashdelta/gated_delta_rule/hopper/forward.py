@@ -1,10 +1,10 @@
 """Hopper forward: glue between the public API and the two TileLang kernels.
 
-``chunk_matrices`` (parallel over chunks x value heads) writes the state-independent per-chunk
+``chunk_matrices`` (parallel over chunks x q/k heads) writes the state-independent per-chunk
 operators; ``chunk_recurrence`` (one CTA per sequence x value head x V tile) walks the chunks.
 Batched inputs are treated as B sequences packed back to back, so both cases share one pair of
-kernels. Lengths and head counts are dynamic: kernels compile once per (dtype, V tile); the tables of
-sequences and chunks are built on the host from ``seq_lens`` (no device sync) and cached.
+kernels. Lengths and head counts are dynamic: kernels compile once per (dtype, V tile, variant); the
+tables of sequences and chunks are built on the host from ``seq_lens`` (no device sync) and cached.
 """
 import functools
 import threading

@@ -18,6 +18,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from flashdelta.bench import timing  # noqa: E402
+from flashdelta.bench.configs import Config  # noqa: E402
+from flashdelta.bench.inputs import make_inputs  # noqa: E402
 from flashdelta.gated_delta_rule.hopper import forward as hopper  # noqa: E402
 from flashdelta.gated_delta_rule.naive import naive_gated_delta_rule  # noqa: E402
 
@@ -39,9 +41,9 @@ def rel(a, e):
 
 
 def inputs(lens, H, HV, *, varlen, dtype=torch.bfloat16, h0=True, l2=False, strong=False, zero_heads=1,
-           seed=0, dev="cuda", protocol=False):
-    """Random inputs; ``protocol``: as DESIGN section 5 (g = logsigmoid(randn)/16 with every fourth head 0,
-    beta = sigmoid(rand)), else harder test draws (g /8, beta uniform, ``zero_heads`` leading heads at 0)."""
+           seed=0, dev="cuda"):
+    """Harder random draws than the benchmark's: g = logsigmoid(randn)/8 (or down to -20 with
+    ``strong``), beta uniform, ``zero_heads`` leading heads at g = 0; unnormalised q/k with ``l2``."""
     gen = torch.Generator(device=dev).manual_seed(seed)
     B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
     rnd = lambda *s: torch.randn(*s, generator=gen, device=dev)
@@ -49,18 +51,19 @@ def inputs(lens, H, HV, *, varlen, dtype=torch.bfloat16, h0=True, l2=False, stro
     if not l2:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     v = rnd(B, T, HV, 128)
-    g = (-20 * torch.rand(B, T, HV, generator=gen, device=dev)) if strong else \
-        F.logsigmoid(rnd(B, T, HV)) / (16 if protocol else 8)
+    g = (-20 * torch.rand(B, T, HV, generator=gen, device=dev)) if strong else F.logsigmoid(rnd(B, T, HV)) / 8
+    g[..., :zero_heads] = 0
     beta = torch.rand(B, T, HV, generator=gen, device=dev)
-    if protocol:
-        g[..., ::4] = 0
-        beta = torch.sigmoid(beta)
-    else:
-        g[..., :zero_heads] = 0
     s0 = rnd(len(lens), HV, 128, 128) if h0 else None
     cu = torch.tensor([0] + [sum(lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=dev) \
         if varlen else None
     return q.to(dtype), k.to(dtype), v.to(dtype), g, beta, s0, cu
+
+
+def protocol_inputs(lens, H, HV, varlen):
+    """The benchmark's inputs (DESIGN section 5), as the tuple ``inputs`` returns."""
+    x = make_inputs(Config(tuple(lens), varlen, H, HV), "cuda")
+    return x.q, x.k, x.v, x.g, x.beta, x.h0, x.cu_seqlens
 
 
 def check_case(name, lens, H, HV, *, varlen, dtype=torch.bfloat16, h0=True, l2=False, strong=False,
@@ -147,7 +150,7 @@ def cp_parts(lens, H, HV, varlen, flat, mats, stats, o_buf):
     dev = flat[0].device
     plan = plan_forward(tuple(lens), HV, 128, torch.cuda.get_device_properties(dev).multi_processor_count, True)
     table = SegmentTable.build(plan, tuple(lens), None if varlen else lens[0], dev)
-    S = len(table.seq_lens)
+    S = table.spans.shape[0] - 1
     ag, p, coef = mats
     ends = torch.empty(2 * (S + 1), HV, 128 * 128, dtype=torch.float32, device=dev)
     spans, keep = segment_windows(stats, table, TRUNCATION_TAU)
@@ -186,7 +189,7 @@ def bench(rows, peers=True):
                ("varlen 8x4096 hk4/hv16", [4096] * 8, 4, 16, True)]
     few_ctas = "1x32768 hk2/hv8"            # where context parallelism should pay: also time its parts
     for name, lens, H, HV, varlen in configs:
-        q, k, v, g, beta, s0, cu = inputs(lens, H, HV, varlen=varlen, protocol=True)
+        q, k, v, g, beta, s0, cu = protocol_inputs(lens, H, HV, varlen)
         scale = 128 ** -0.5
         seq = tuple(lens) if varlen else None
         cu_cpu = cu.cpu() if cu is not None else None
@@ -269,7 +272,7 @@ def tune(path):
     results = {}
     for H, HV in heads:
         for lens in lengths:
-            q, k, v, g, beta, s0, cu = inputs(lens, H, HV, varlen=True, protocol=True)
+            q, k, v, g, beta, s0, cu = protocol_inputs(lens, H, HV, True)
             seq, scale = tuple(lens), 128 ** -0.5
             name = f"{'+'.join(map(str, lens))} hk{H}/hv{HV}"
             row = {}

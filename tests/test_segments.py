@@ -42,6 +42,7 @@ def test_segment_table(lens, batched):
                        for a, b in zip(mine, mine[1:]))
         else:
             assert int(table.last[n]) == S
+        assert int(table.final_rows[n]) == (mine[-1] if mine else S + 1 + n)
         for i in mine:
             start, tokens, c0, count, used = table.segments[i].tolist()
             assert used == int(i != mine[-1]) and count == -(-tokens // 64)

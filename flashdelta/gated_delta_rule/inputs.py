@@ -85,6 +85,14 @@ def sequence_starts(seq_lens: tuple[int, ...], batched_len: int | None) -> list[
     return [0, *accumulate(seq_lens)][:-1]
 
 
+def host_table(rows, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small table built on the host, copied to ``device`` without waiting (from pinned memory)."""
+    t = torch.tensor(rows, dtype=dtype)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _diff(offsets: list[int]) -> tuple[int, ...]:
     if not offsets or offsets[0] != 0:
         raise _fail("cu_seqlens", "offsets starting at 0", offsets[:4])

@@ -57,8 +57,9 @@ class Plan:
 
 
 def estimate(seq_chunks: tuple[int, ...], v_heads: int, v_dim: int, sm_count: int,
-             v_tile: int, segment_chunks: int | None, tuning=TUNING) -> float:
+             v_tile: int, segment_chunks: int | None) -> float:
     """Modelled latency in microseconds."""
+    tuning = TUNING
     step = tuning["step_us"][v_tile]
     v_tiles = -(-v_dim // v_tile)
     slots = sm_count * tuning["ctas_per_sm"]

@@ -21,28 +21,27 @@ from functools import lru_cache
 
 import torch
 
-from .inputs import sequence_starts
+from .inputs import host_table, sequence_starts
 from .planner import CHUNK, Plan
 
 
 @dataclass(frozen=True)
 class SegmentTable:
-    """Device-side bookkeeping of a plan's segments (built once per plan and device)."""
+    """Device-side bookkeeping of a plan's segments (built once per plan and device). S segments."""
 
     order: torch.Tensor           # [N, J] int32 segment index of the j-th segment of sequence n; S = "none"
     last: torch.Tensor            # [N] index of each sequence's last segment; S = "none"
     spans: torch.Tensor           # [S + 1, 2] int32 (first token, length); the last row is the empty "none"
     segments: torch.Tensor        # [S + 1, 5] int32 first token, length, first chunk, chunks, used (0 for
                                   # a sequence's last segment, whose R and M the scan never reads, and "none")
-    seq_lens: tuple[int, ...]     # host lengths of the segments
+    final_rows: torch.Tensor      # [N] where each final state is in [segment finals (S + 1); h0 (N)]:
+                                  # the last segment's, or h0 for a sequence with no tokens
 
     @staticmethod
     @lru_cache(maxsize=64)
     def build(plan: Plan, seq_lens: tuple[int, ...], batched_len: int | None, device: torch.device):
         offsets = sequence_starts(seq_lens, batched_len)
-        chunk_offsets = [0]
-        for length in seq_lens:
-            chunk_offsets.append(chunk_offsets[-1] + -(-length // CHUNK))
+        chunk_offsets = sequence_starts(tuple(-(-length // CHUNK) for length in seq_lens), None)
         S = len(plan.segments)
         per_seq = [[] for _ in seq_lens]
         for i, (n, _, _) in enumerate(plan.segments):
@@ -52,12 +51,11 @@ class SegmentTable:
         last = [p[-1] if p else S for p in per_seq]
         rows = [[offsets[n] + s, t, chunk_offsets[n] + s // CHUNK, -(-t // CHUNK), int(i != last[n])]
                 for i, (n, s, t) in enumerate(plan.segments)] + [[0, 0, 0, 0, 0]]
-
-        def dev(x, dtype=torch.int64):
-            return torch.tensor(x, dtype=dtype).to(device)
-        segments = dev(rows, torch.int32).reshape(S + 1, 5)
-        return SegmentTable(dev(order, torch.int32).reshape(len(seq_lens), J), dev(last),
-                            segments[:, :2].contiguous(), segments, tuple(t for _, _, t in plan.segments))
+        final_rows = [i if i < S else S + 1 + n for n, i in enumerate(last)]
+        segments = host_table(rows, torch.int32, device)
+        return SegmentTable(host_table(order, torch.int32, device).reshape(len(seq_lens), J),
+                            host_table(last, torch.int64, device), segments[:, :2].contiguous(), segments,
+                            host_table(final_rows, torch.int64, device))
 
 
 def chunk_stats(g, beta, k, chunks, group: int, use_qk_l2norm: bool):

@@ -54,7 +54,7 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
     stride = Tn if cu_seqlens is None else None
     ready(DTYPES[q.dtype])
     table = SegmentTable.build(plan, seq_lens, stride, dev)
-    S = len(table.seq_lens)
+    S = table.spans.shape[0] - 1
     _, chunks = _tables(seq_lens, stride, dev)
     qf, kf, vf = (x.contiguous().view(tokens, x.shape[2], x.shape[3]) for x in (q, k, v))
     gf, bf = g.reshape(tokens, HV), beta.reshape(tokens, HV)
@@ -78,7 +78,5 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
     if not output_final_state:
         return o, None
     # each sequence's final state is its last segment's; a sequence with no tokens keeps its h0
-    padded = torch.cat([seg_final, h0.view(N, HV, K * V)])
-    pick = torch.where(table.last < S, table.last, torch.arange(N, device=dev) + S + 1)
-    final = padded[pick].view(N, HV, K, V)
+    final = torch.cat([seg_final, h0.view(N, HV, K * V)])[table.final_rows].view(N, HV, K, V)
     return o, (final.transpose(-1, -2).contiguous() if state_v_first else final)

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import tilelang
 import torch
 
-from ..inputs import sequence_starts
+from ..inputs import host_table, sequence_starts
 from .chunk_matrices import CHUNK, chunk_matrices_kernel
 from .chunk_recurrence import chunk_recurrence_kernel
 
@@ -76,13 +76,6 @@ def recurrence_kernel(dtype: str, bv: int, warmup: bool = False):
                                             warmup=warmup))
 
 
-def _to_device(rows, device):
-    t = torch.tensor(rows, dtype=torch.int32).reshape(-1, 2)
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
-
-
 @functools.lru_cache(maxsize=256)
 def _tables(seq_lens: tuple[int, ...], stride: int | None, device: torch.device):
     """Device tables: (first token, length) per sequence and (first token, valid rows) per chunk.
@@ -92,7 +85,8 @@ def _tables(seq_lens: tuple[int, ...], stride: int | None, device: torch.device)
     starts = sequence_starts(seq_lens, stride)
     seqs = [x for s, L in zip(starts, seq_lens) for x in (s, L)]
     chunks = [x for s, L in zip(starts, seq_lens) for c in range(0, L, CHUNK) for x in (s + c, min(CHUNK, L - c))]
-    return _to_device(seqs, device), _to_device(chunks, device)
+    return (host_table(seqs, torch.int32, device).reshape(-1, 2),
+            host_table(chunks, torch.int32, device).reshape(-1, 2))
 
 
 def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,

@@ -151,7 +151,7 @@ def cp_parts(lens, H, HV, varlen, flat, mats, stats, o_buf):
     plan = plan_forward(tuple(lens), HV, 128, torch.cuda.get_device_properties(dev).multi_processor_count, True)
     table = SegmentTable.build(plan, tuple(lens), None if varlen else lens[0], dev)
     S = table.spans.shape[0] - 1
-    ag, p, coef = mats
+    ag, coef = mats
     ends = torch.empty(2 * (S + 1), HV, 128 * 128, dtype=torch.float32, device=dev)
     spans, keep = segment_windows(stats, table, TRUNCATION_TAU)
     h0 = torch.zeros(len(lens), HV, 128, 128, dtype=torch.float32, device=dev)

@@ -1,17 +1,19 @@
 """Per-chunk preparation kernel: everything about a 64-token chunk that does not depend on the state.
 
-One CTA per (chunk, q/k head), all chunks of all sequences at once: q / k are loaded and K K^T, Q K^T
-formed once, then the CTA loops over the value heads of its GVA group (only beta and g differ). For
-chunk rows i, j (valid rows only, DESIGN section 2) it writes, indexed by token like the inputs:
+One CTA per (chunk, q/k head), all chunks of all sequences at once: k is loaded and K K^T formed
+once, then the CTA loops over the value heads of its GVA group (only beta and g differ). For chunk
+rows i, j (valid rows only, DESIGN section 2) it writes:
 
 - ``ag[t, h, :]``  = row i of ``Ag = (Gamma * A0) diag(beta)`` with ``A0 = (I + StrictLower(diag(beta) K K^T))^-1``
-- ``p[t, h, :]``   = row i of ``P = scale * Gamma * Lower(Q K^T)``
-- ``coef[t, h, :]`` = (e^g_i rk_i, scale e^g_i rq_i, e^(g_C - g_i) rk_i, e^g_C), g = gate cumsum in the chunk,
-  g_C that of its last valid token, rq / rk the in-kernel l2-norm factors (1 when disabled);
+- ``coef[h, t, :]`` = (e^g_i rk_i, e^g_i sq_i, e^(g_C - g_i) rk_i, e^g_C, g_i log2(e), sq_i, rk_i, 0), g = gate
+  cumsum in the chunk, g_C that of its last valid token, rk / rq the in-kernel l2-norm factors (1 when
+  disabled), sq = scale rq; head-major, so a chunk's factors are one contiguous 2 KB block;
 - ``stats[c, h, :]`` = (g_C, tokens with beta |k|^2 outside [0, 2]) per chunk, for context parallelism.
 
-Folding the l2-norm into row factors lets the sequential kernel read raw q / k and stay the same with
-or without it. A0 is inverted by blocks. With Kd / Ko the parts of Kn Kn^T in / below the four 16 x 16
+``P = scale Gamma * Lower(Q K^T)`` is not formed here: the sequential kernel builds it from Q K^T and
+the last three factors (a round trip of 128 bytes per token and head saved). Folding the l2-norm into
+row factors lets it read raw q / k and stay the same with or without it. q is read here only for the
+l2-norm. A0 is inverted by blocks. With Kd / Ko the parts of Kn Kn^T in / below the four 16 x 16
 diagonal blocks (Kd without its diagonal), fp32 substitution gives the diagonal blocks'
 inverses D = (I + diag(beta) StrictLower(Kd))^-1, and with M = D diag(beta) Ko (M^4 = 0)
 ``A0 = (I + M)^-1 D = D - M D + M^2 D - M^3 D``: four tf32 wgmma GEMMs. wgmma wants both operands
@@ -21,13 +23,13 @@ comes out of the accumulator, never transposed (Kn Kn^T is symmetric: Ko^T is a 
     M = (D diag(beta)) (Ko^T)^T,  V1^T = D^T - D^T M^T,  W = diag(beta) (D^T - V1^T M^T) = (V2 diag(beta))^T,
     A0 diag(beta) = D diag(beta) - M W^T.
 
-Everything that depends only on q / k (Ko^T, Kd, the scaled Q K^T) is formed once per CTA; a value head
-costs the substitution, the four GEMMs and the output epilogue.
+Everything that depends only on k (Ko^T, Kd) is formed once per CTA; a value head costs the
+substitution, the four GEMMs and the output epilogue.
 
-Shared memory is kept under 56 KB (4 CTAs per SM) with three 64 x 64 fp32 buffers: ``ko`` holds Ko^T
-above its block diagonal and the scaled Q K^T on and below it (those blocks only reach the diagonal and
-upper blocks of the first GEMM's result, which are masked to M's zeros); ``x1`` holds D diag(beta),
-then M; ``x2`` holds D^T, V1^T, W, each result written over its own operand once the GEMM is done. The
+Shared memory is kept under 56 KB (4 CTAs per SM) with three 64 x 64 fp32 buffers: ``ko`` holds Kn Kn^T
+(only its blocks above the diagonal, Ko^T, reach unmasked results of the first GEMM); ``x1`` holds
+D diag(beta), then M; ``x2`` holds D^T, V1^T, W, each result written over its own operand once the
+GEMM is done. The
 diagonal blocks need no copies: V1^T and D^T share them, and those of D diag(beta) are those of W^T.
 """
 
@@ -35,6 +37,8 @@ import tilelang.language as T
 
 CHUNK = 64
 ACC = "float32"
+COEFS = 8                               # row factors per token and value head (see coef above)
+LOG2E = 1.4426950408889634
 
 
 def chunk_matrices_kernel(K: int, dtype: str):
@@ -54,8 +58,7 @@ def chunk_matrices_kernel(K: int, dtype: str):
         beta: T.Tensor((num_tokens, v_heads), ACC),
         chunks: T.Tensor((num_chunks, 2), "int32"),        # (first token, valid rows) per chunk
         ag: T.Tensor((num_tokens, v_heads, C), dtype),
-        p: T.Tensor((num_tokens, v_heads, C), dtype),
-        coef: T.Tensor((num_tokens, v_heads, 4), ACC),
+        coef: T.Tensor((v_heads, num_tokens, COEFS), ACC),
         stats: T.Tensor((num_chunks, v_heads, 2), ACC),
         scale: T.float32,
         l2norm: T.int32,
@@ -80,25 +83,25 @@ def chunk_matrices_kernel(K: int, dtype: str):
             gam = T.alloc_shared((C,), ACC)
             bet = T.alloc_shared((C,), ACC)
             rk = T.alloc_shared((C,), ACC)
-            rq = T.alloc_shared((C,), ACC)
+            sq = T.alloc_shared((C,), ACC)          # scale * rq
             k2 = T.alloc_shared((C,), ACC)          # |k|^2 after the l2-norm (for the CP statistics)
             kd = T.alloc_shared((C, B), ACC)        # Kd, the four blocks stacked (rows read by the substitution)
             # tf32 GEMM operands; written through fp32 views (no conversion: the tensor cores read the
             # top 19 bits)
-            ko_s = T.alloc_shared((C, C), T.tfloat32)   # Ko^T above the block diagonal, scaled Q K^T elsewhere
+            ko_s = T.alloc_shared((C, C), T.tfloat32)   # Kn Kn^T (symmetric: Ko^T above the block diagonal)
             # the per-head operands take k_s / q_s's storage (same size), free after the head-independent part
             x1_s = T.view(k_s, (C, C), T.tfloat32)      # D diag(beta), then M, then the outputs
             x2_s = T.view(q_s, (C, C), T.tfloat32)      # D^T, then V1^T, then W
             ko_f = T.view(ko_s, dtype=ACC)
             x1_f = T.view(x1_s, dtype=ACC)
             x2_f = T.view(x2_s, dtype=ACC)
-            out_s = T.view(x1_s, (C, 2 * C), dtype)  # Ag | P staged for wide, coalesced stores
+            out_s = T.view(x1_s, (2 * C, C), dtype)  # Ag staged in its first C rows, for coalesced stores
 
-            qq = T.alloc_fragment((C, C), ACC)
-            kk = T.alloc_fragment((C, C), ACC)      # K K^T, then per head Gamma and P
-            qk = T.alloc_fragment((C, C), ACC)      # setup only: kept in ko, no 64 x 64 fragment lives across heads
+            qq = T.alloc_fragment((C, C), ACC)      # setup only (l2-norm): no 64 x 64 fragment lives across heads
+            kk = T.alloc_fragment((C, C), ACC)
             acc = T.alloc_fragment((C, C), ACC)     # all wgmma accumulators: one layout, mixed freely
             col = T.alloc_local((B,), ACC)
+            factors = T.alloc_local((COEFS,), ACC)
             broken = T.alloc_fragment((C, 2), ACC)  # per row: (g_C on the last valid row, norm condition broken)
             chunk_stat = T.alloc_fragment((2,), ACC)
             gb = T.alloc_local((1,), ACC)           # this thread's g (threads < 64) or beta of the next head
@@ -106,12 +109,12 @@ def chunk_matrices_kernel(K: int, dtype: str):
             # Rows past the chunk's end belong to the next sequence (or lie past T: TMA fills zeros);
             # beta is 0 there and those output rows are not stored.
             T.tma_copy(k[t0:t0 + C, hk, 0:K], k_s, barrier=loaded)
-            T.tma_copy(q[t0:t0 + C, hk, 0:K], q_s, barrier=loaded)
+            if l2norm != 0:
+                T.tma_copy(q[t0:t0 + C, hk, 0:K], q_s, barrier=loaded)
             T.barrier_arrive(loaded)
             T.barrier_wait(loaded, 0)
 
-            # l2-norm factors from the diagonals of K K^T and Q Q^T; Q K^T last, so that at most two
-            # 64 x 64 fragments are live
+            # l2-norm factors from the diagonals of K K^T and Q Q^T
             T.gemm(k_s, k_s, kk, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 if i == j:
@@ -120,20 +123,18 @@ def chunk_matrices_kernel(K: int, dtype: str):
                 T.gemm(q_s, q_s, qq, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
                     if i == j:
-                        rq[i] = T.rsqrt(qq[i, j] + 1e-6)
+                        sq[i] = T.rsqrt(qq[i, j] + 1e-6) * scale
             else:
                 for i in T.Parallel(C):
-                    rq[i] = 1.0
-            T.gemm(q_s, k_s, qk, transpose_B=True, clear_accum=True)
+                    sq[i] = scale
             # the head-independent parts; q_s / k_s are free from here on (x1 / x2)
             for i, j in T.Parallel(C, C):
                 kk[i, j] = kk[i, j] * rk[i] * rk[j]
-                qk[i, j] = qk[i, j] * rq[i] * rk[j] * scale
             for i, j in T.Parallel(C, C):
                 if i == j:
                     k2[i] = kk[i, j]
             for i, j in T.Parallel(C, C):
-                ko_f[i, j] = T.if_then_else(i // B < j // B, kk[i, j], qk[i, j])
+                ko_f[i, j] = kk[i, j]
                 if i // B == j // B:
                     kd[i, j % B] = T.if_then_else(i != j, kk[i, j], 0.0)
 
@@ -194,27 +195,28 @@ def chunk_matrices_kernel(K: int, dtype: str):
                 T.gemm(x1_s, x2_s, acc, transpose_B=True, clear_accum=True)
 
                 # A0 diag(beta): D diag(beta) (= W^T) on the diagonal blocks, -M W^T below; both are
-                # exactly 0 above the diagonal, so only P needs the mask (and Gamma a finite exponent).
-                # A mask product, not a select: predicated loads would not be shared between elements.
+                # exactly 0 above the diagonal, so Gamma needs no mask, only a finite exponent.
                 for i, j in T.Parallel(C, C):
-                    kk[i, j] = T.exp((gam[i] - gam[j]) * T.Cast(ACC, i >= j))
-                for i, j in T.Parallel(C, C):
-                    acc[i, j] = (T.Select(i // B == j // B, x2_f[j, i], 0.0) - acc[i, j]) * kk[i, j]
-                    kk[i, j] = T.Select(i >= j, ko_f[i, j] * kk[i, j], 0.0)
+                    acc[i, j] = (T.Select(i // B == j // B, x2_f[j, i], 0.0) - acc[i, j]) * T.exp(
+                        (gam[i] - gam[j]) * T.Cast(ACC, i >= j))
                 for i, j in T.Parallel(C, C):
                     out_s[i, j] = acc[i, j]
-                    out_s[i, C + j] = kk[i, j]
                 for i, j in T.Parallel(C, C):
                     if i < n:
                         ag[t0 + i, h, j] = out_s[i, j]
-                        p[t0 + i, h, j] = out_s[i, C + j]
-                last = gam[T.max(n, 1) - 1]
-                for i in T.Parallel(C):
-                    if i < n:
-                        coef[t0 + i, h, 0] = T.exp(gam[i]) * rk[i]
-                        coef[t0 + i, h, 1] = T.exp(gam[i]) * rq[i] * scale
-                        coef[t0 + i, h, 2] = T.exp(last - gam[i]) * rk[i]
-                        coef[t0 + i, h, 3] = T.exp(last)
+                # the row factors, one thread per row, two 16-byte stores each
+                if tx < n:
+                    last = gam[T.max(n, 1) - 1]
+                    factors[0] = T.exp(gam[tx]) * rk[tx]
+                    factors[1] = T.exp(gam[tx]) * sq[tx]
+                    factors[2] = T.exp(last - gam[tx]) * rk[tx]
+                    factors[3] = T.exp(last)
+                    factors[4] = gam[tx] * LOG2E
+                    factors[5] = sq[tx]
+                    factors[6] = rk[tx]
+                    factors[7] = 0.0
+                    for j in T.vectorized(COEFS):
+                        coef[h, t0 + tx, j] = factors[j]
                 # context parallelism's truncation test (segments.chunk_stats): the chunk's summed g, and
                 # how many of its tokens break 0 <= beta |k|^2 <= 2
                 for i, j in T.Parallel(C, 2):

@@ -2,11 +2,14 @@
 
 One CTA per (sequence, value head, V tile of width BV). The state S (K x BV) stays in fp32 registers of
 the consumer warpgroups, with a q/k-dtype copy in shared memory as the GEMM operand. Per chunk, with
-Ag, P and the row factors c0..c3 from ``chunk_matrices`` (DESIGN section 2):
+Ag and the row factors c0..c6 from ``chunk_matrices`` (DESIGN section 2):
 
     W  = V - c0 * (K S)          V' = Ag W
+    P  = Lower(c5 * (Q K^T) * c6^T * 2^(c4 - c4^T))
     O  = c1 * (Q S) + P V'
     S  = c3 * S + K^T (c2 * V')
+
+Q K^T and P's epilogue are off the state's dependency chain: they run while its GEMMs do.
 
 Chunks are loaded whole (TMA; rows past the sequence's end belong to the next sequence or lie past T
 and come back as zeros). Rows past the end are neutralised by zeroing their row factors: their V'
@@ -23,11 +26,13 @@ written to ``ht[n]``, M to ``ht[num_seqs + n]``.
 Warp specialisation is written out (not TileLang's automatic pipelining) so the GEMMs can run
 asynchronously around the state's dependency chain: one producer warp streams each chunk's tiles into
 two stages (one ``full`` mbarrier per stage, TMA transaction counts; one ``empty`` barrier released when
-the stage's last GEMM has completed), and the consumer warpgroups overlap Q S with the W update,
-the c1/c3 scalings with Ag W, and P V' with restaging the new S.
+the stage's last GEMM has completed), and the consumer warpgroups overlap Q S with the W update, Q K^T
+and the c1/c3 scalings with Ag W, P's epilogue with K^T V', and P V' with restaging the new S.
 """
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
+
+from .chunk_matrices import COEFS
 
 CHUNK = 64
 ACC = "float32"
@@ -38,7 +43,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     """The prim_func for head dims K, V, V tile BV and q/k/v dtype; lengths and head counts are dynamic.
 
     ``threads``: consumer threads (BV // 64 warpgroups); the CTA has ``PRODUCER_THREADS`` more.
-    ``warmup``: the state-only variant (q, p, o and h0 are not read or written; ``seqs`` holds spans).
+    ``warmup``: the state-only variant (q, o and h0 are not read or written; ``seqs`` holds spans).
     """
     C = CHUNK
     num_tokens = T.dynamic("num_tokens")
@@ -56,8 +61,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
         k: T.Tensor((num_tokens, qk_heads, K), dtype),
         v: T.Tensor((num_tokens, v_heads, V), dtype),
         ag: T.Tensor((num_tokens, v_heads, C), dtype),
-        p: T.Tensor((num_tokens, v_heads, C), dtype),
-        coef: T.Tensor((num_tokens, v_heads, 4), ACC),
+        coef: T.Tensor((v_heads, num_tokens, COEFS), ACC),
         seqs: T.Tensor(table, "int32"),        # (first token, length) per sequence; warm-up: spans
         h0: T.Tensor((h0_seqs, v_heads, K * V), ACC),
         o: T.Tensor((num_tokens, v_heads, V), dtype),
@@ -83,13 +87,13 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             # two stages of the streamed tiles, then single staging buffers of the consumers
             if not warmup:
                 q_s = T.alloc_shared((2, C, K), dtype)
-                p_s = T.alloc_shared((2, C, C), dtype)
+                p_s = T.alloc_shared((C, C), dtype)
                 vn_s = T.alloc_shared((C, BV), dtype)
                 o_s = T.alloc_shared((C, BV), dtype)
             k_s = T.alloc_shared((2, C, K), dtype)
             v_s = T.alloc_shared((2, C, BV), dtype)
             ag_s = T.alloc_shared((2, C, C), dtype)
-            cf_s = T.alloc_shared((2, C, 4), ACC)
+            cf_s = T.alloc_shared((2, C, COEFS), ACC)
             s_s = T.alloc_shared((K, BV), dtype)
             w_s = T.alloc_shared((C, BV), dtype)
             vc_s = T.alloc_shared((C, BV), dtype)
@@ -107,6 +111,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             vn = T.alloc_fragment((C, BV), ACC)
             if not warmup:
                 out = T.alloc_fragment((C, BV), ACC)
+                qk = T.alloc_fragment((C, C), ACC)
 
             tx = T.get_thread_binding()
             if tx >= threads:
@@ -118,11 +123,10 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                         T.barrier_wait(empty[st], (c // 2 + 1) % 2)
                         if not warmup:
                             T.tma_copy(q[t0:t0 + C, hk, 0:K], q_s[st, :, :], barrier=full[st])
-                            T.tma_copy(p[t0:t0 + C, h, 0:C], p_s[st, :, :], barrier=full[st])
                         T.tma_copy(k[t0:t0 + C, hk, 0:K], k_s[st, :, :], barrier=full[st])
                         T.tma_copy(v[t0:t0 + C, h, v0:v0 + BV], v_s[st, :, :], barrier=full[st])
                         T.tma_copy(ag[t0:t0 + C, h, 0:C], ag_s[st, :, :], barrier=full[st])
-                        T.tma_copy(coef[t0:t0 + C, h, 0:4], cf_s[st, :, :], barrier=full[st])
+                        T.tma_copy(coef[h, t0:t0 + C, 0:COEFS], cf_s[st, :, :], barrier=full[st])
                         T.barrier_arrive(full[st])
             else:
                 T.set_max_nreg(240, 1)
@@ -151,19 +155,29 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                         w_s[i, j] = v_keep * v_s[st, i, j] - T.if_then_else(i < rows, cf_s[st, i, 0], 0.0) * ks[i, j]
                     T.wgmma_gemm(ag_s[st, :, :], w_s, vn, clear_accum=True)
                     if not warmup:
-                        T.wait_wgmma(1)                        # Q S done; Ag W runs on under the scalings
+                        # Q K^T queued behind Ag W, so it does not delay the state's chain
+                        T.wgmma_gemm(q_s[st, :, :], k_s[st, :, :], qk, transpose_B=True, clear_accum=True)
+                        T.wait_wgmma(2)                        # Q S done; Ag W, Q K^T run on under the scalings
                         for i, j in T.Parallel(C, BV):
                             out[i, j] = out[i, j] * T.if_then_else(i < rows, cf_s[st, i, 1], 0.0)
                     for i, j in T.Parallel(K, BV):
                         S[i, j] = S[i, j] * cf_s[st, 0, 3]
-                    T.wait_wgmma(0)
+                    T.wait_wgmma(0 if warmup else 1)           # Ag W done
                     for i, j in T.Parallel(C, BV):
                         if not warmup:
                             vn_s[i, j] = vn[i, j]                  # P V' operand (output only)
                         vc_s[i, j] = vn[i, j] * T.if_then_else(i < rows, cf_s[st, i, 2], 0.0)
                     T.wgmma_gemm(k_s[st, :, :], vc_s, S, transpose_A=True)
                     if not warmup:
-                        T.wgmma_gemm(p_s[st, :, :], vn_s, out)
+                        T.wait_wgmma(1)                        # Q K^T done; K^T V' runs on under P
+                        # straight-line code (a mask product, the exponent clamped to stay finite above the
+                        # diagonal; a select or branch per element made this three times longer), then
+                        # one fragment copy (stmatrix) instead of scalar stores
+                        for i, j in T.Parallel(C, C):
+                            qk[i, j] = qk[i, j] * cf_s[st, i, 5] * cf_s[st, j, 6] * T.Cast(ACC, i >= j) * T.exp2(
+                                T.min(cf_s[st, i, 4] - cf_s[st, j, 4], 0.0))
+                        T.copy(qk, p_s)
+                        T.wgmma_gemm(p_s, vn_s, out)
                     T.wait_wgmma(0 if warmup else 1)           # new S done; P V' runs on under its restaging
                     T.copy(S, s_s)
                     if not warmup:

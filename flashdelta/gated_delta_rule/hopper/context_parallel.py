@@ -64,7 +64,7 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
         (initial_state.transpose(-1, -2) if state_v_first else initial_state).to(torch.float32).contiguous()
 
     with torch.cuda.device(dev):
-        ag, p, coef, stats = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
+        ag, coef, stats = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
         spans, keep = segment_windows(stats, table, tau)
         ends = torch.empty(2 * (S + 1), HV, K * V, dtype=torch.float32, device=dev)
         warmup(qf, kf, vf, ag, coef, spans, ends, plan.v_tile)
@@ -72,7 +72,7 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
         scan_kernel(K)(ends[S + 1:].view(S + 1, HV, K, K), ends[:S + 1].view(S + 1, HV, K, V), keep, h0,
                        table.order, starts)
         seg_final = torch.empty(S + 1, HV, K * V, dtype=torch.float32, device=dev) if output_final_state else None
-        recur(qf, kf, vf, ag, p, coef, table.spans, starts.view(S + 1, HV, K * V), of, seg_final, False,
+        recur(qf, kf, vf, ag, coef, table.spans, starts.view(S + 1, HV, K * V), of, seg_final, False,
               plan.v_tile)
 
     if not output_final_state:

@@ -14,7 +14,7 @@ import tilelang
 import torch
 
 from ..inputs import host_table, sequence_starts
-from .chunk_matrices import CHUNK, chunk_matrices_kernel
+from .chunk_matrices import CHUNK, COEFS, chunk_matrices_kernel
 from .chunk_recurrence import chunk_recurrence_kernel
 
 TARGET = {"kind": "cuda", "arch": "sm_90a"}
@@ -72,8 +72,9 @@ def matrices_kernel(dtype: str):
 
 @functools.lru_cache(maxsize=None)
 def recurrence_kernel(dtype: str, bv: int, warmup: bool = False):
+    # fast math: P's exp2 becomes one ex2.approx instruction
     return _compile(chunk_recurrence_kernel(HEAD_DIM, HEAD_DIM, bv, dtype, threads=256 if bv == 128 else 128,
-                                            warmup=warmup))
+                                            warmup=warmup), fast_math=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -113,26 +114,26 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
     seqs, chunks = _tables(seq_lens, Tn if cu_seqlens is None else None, dev)
     flat = (q.contiguous().view(tokens, H, K), k.contiguous().view(tokens, H, K), v.contiguous().view(tokens, HV, V))
     with torch.cuda.device(dev):          # TileLang launches on the current device's current stream
-        ag, p, coef, _ = prepare(*flat[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
-        recur(*flat, ag, p, coef, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
+        ag, coef, _ = prepare(*flat[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
+        recur(*flat, ag, coef, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
     return o, _final(ht, N, HV, K, V, state_v_first)
 
 
 def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool):
-    """Kernel 1 on flat [tokens, heads, dim] inputs: (ag, p, coef) for every chunk and value head, and
-    the per-chunk statistics [num_chunks, HV, 2] context parallelism's truncation test reads."""
+    """Kernel 1 on flat [tokens, heads, dim] inputs: ag [tokens, HV, 64] and the row factors
+    coef [HV, tokens, 8] for every chunk and value head, and the per-chunk statistics [num_chunks, HV, 2]
+    context parallelism's truncation test reads."""
     tokens = q.shape[0]
     ag = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=q.device)
-    p = torch.empty_like(ag)
-    coef = torch.empty(tokens, HV, 4, dtype=torch.float32, device=q.device)
+    coef = torch.empty(HV, tokens, COEFS, dtype=torch.float32, device=q.device)
     stats = torch.empty(chunks.shape[0], HV, 2, dtype=torch.float32, device=q.device)
     matrices_kernel(DTYPES[q.dtype])(q, k, g.to(torch.float32).contiguous().view(tokens, HV),
-                                     beta.to(torch.float32).contiguous().view(tokens, HV), chunks, ag, p, coef,
+                                     beta.to(torch.float32).contiguous().view(tokens, HV), chunks, ag, coef,
                                      stats, float(scale), int(bool(l2norm)))
-    return ag, p, coef, stats
+    return ag, coef, stats
 
 
-def recur(q, k, v, ag, p, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
+def recur(q, k, v, ag, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
     """Kernel 2 on flat inputs: writes o [tokens, HV, V] and, if given, ht [N, HV, K * V]."""
     HV, K, V = v.shape[1], q.shape[2], v.shape[2]
     placeholder = None
@@ -142,7 +143,7 @@ def recur(q, k, v, ag, p, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: in
     flags = (int(h0 is not None), int(ht is not None), int(bool(state_v_first)))
     for s in range(0, seqs.shape[0], MAX_GRID_Z):        # the grid's z extent is at most 65535
         e = s + MAX_GRID_Z
-        kernel(q, k, v, ag, p, coef, seqs[s:e], h0[s:e] if h0 is not None else placeholder, o,
+        kernel(q, k, v, ag, coef, seqs[s:e], h0[s:e] if h0 is not None else placeholder, o,
                ht[s:e] if ht is not None else placeholder, *flags)
 
 
@@ -151,7 +152,7 @@ def warmup(q, k, v, ag, coef, spans, ends, v_tile: int):
     ``ends[:S]``, M into ``ends[S:]`` ([2S, HV, K * K], K-major). q only fixes the shared signature."""
     assert spans.shape[0] <= MAX_GRID_Z and ends.shape[0] == 2 * spans.shape[0]
     kernel = recurrence_kernel(DTYPES[q.dtype], v_tile, True)
-    kernel(q, k, v, ag, ag, coef, spans, ends, v, ends, 0, 1, 0)
+    kernel(q, k, v, ag, coef, spans, ends, v, ends, 0, 1, 0)
 
 
 def _final(ht, N, HV, K, V, state_v_first):

@@ -9,7 +9,7 @@ Ag and the row factors c0..c6 from ``chunk_matrices`` (DESIGN section 2):
     O  = c1 * (Q S) + P V'
     S  = c3 * S + K^T (c2 * V')
 
-Q K^T and P's epilogue are off the state's dependency chain: they run while its GEMMs do.
+Q K^T and P's epilogue are off the state's dependency chain (see below).
 
 Chunks are loaded whole (TMA; rows past the sequence's end belong to the next sequence or lie past T
 and come back as zeros). Rows past the end are neutralised by zeroing their row factors: their V'
@@ -24,10 +24,12 @@ so the truncation test can shorten R to a window and skip M (length 0) where the
 written to ``ht[n]``, M to ``ht[num_seqs + n]``.
 
 Warp specialisation is written out (not TileLang's automatic pipelining) so the GEMMs can run
-asynchronously around the state's dependency chain: one producer warp streams each chunk's tiles into
-two stages (one ``full`` mbarrier per stage, TMA transaction counts; one ``empty`` barrier released when
-the stage's last GEMM has completed), and the consumer warpgroups overlap Q S with the W update, Q K^T
-and the c1/c3 scalings with Ag W, P's epilogue with K^T V', and P V' with restaging the new S.
+asynchronously around the state's dependency chain. An auxiliary warpgroup streams each chunk's tiles
+into two stages (one ``full`` mbarrier per stage, TMA transaction counts; one ``empty`` barrier
+released when every reader is done with the stage) and forms P, one chunk behind its loads, off the
+consumers' chain (``p_full`` / ``p_free`` hand p_s over). The consumer warpgroups overlap Q S with the
+W update, the c1/c3 scalings with Ag W, and P V' with restaging the new S. Four warpgroups (a
+producer, a P warpgroup, two consumers) would cap registers at 128 a thread: the consumers spill.
 """
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
@@ -36,13 +38,13 @@ from .chunk_matrices import COEFS
 
 CHUNK = 64
 ACC = "float32"
-PRODUCER_THREADS = 128                  # one warpgroup (setmaxnreg works per warpgroup); one warp issues TMA
+AUX_THREADS = 128                       # one warpgroup: streams the tiles and forms P
 
 
 def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256, warmup: bool = False):
     """The prim_func for head dims K, V, V tile BV and q/k/v dtype; lengths and head counts are dynamic.
 
-    ``threads``: consumer threads (BV // 64 warpgroups); the CTA has ``PRODUCER_THREADS`` more.
+    ``threads``: consumer threads (BV // 64 warpgroups); the CTA has ``AUX_THREADS`` more.
     ``warmup``: the state-only variant (q, o and h0 are not read or written; ``seqs`` holds spans).
     """
     C = CHUNK
@@ -54,6 +56,9 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     ht_seqs = T.dynamic("ht_seqs")
     table = (num_seqs, v_heads, 4) if warmup else (num_seqs, 2)
     halves = 2 if warmup else 1             # warm-up: R CTAs, then M CTAs
+    readers = threads if warmup else threads + AUX_THREADS          # threads that read each stage
+    aux_regs = 24 if warmup else 104                                 # what the auxiliary warpgroup keeps
+    consumer_regs = min(240, (65536 - AUX_THREADS * aux_regs) // threads // 8 * 8)
 
     @T.prim_func
     def chunk_recurrence(
@@ -72,7 +77,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     ):
         # a 3-D grid (the caller launches at most 65535 sequences at a time): a 1-D grid decoded with
         # divisions by the dynamic head count measured 8-35% slower (divisions redone in the loop)
-        with T.Kernel((V // BV) * halves, v_heads, num_seqs, threads=threads + PRODUCER_THREADS) as (bt, h, n):
+        with T.Kernel((V // BV) * halves, v_heads, num_seqs, threads=threads + AUX_THREADS) as (bt, h, n):
             hk = h // (v_heads // qk_heads)
             bv = bt % (V // BV)
             is_m = bt // (V // BV)                         # warm-up: 1 = this CTA computes M columns
@@ -97,8 +102,11 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             s_s = T.alloc_shared((K, BV), dtype)
             w_s = T.alloc_shared((C, BV), dtype)
             vc_s = T.alloc_shared((C, BV), dtype)
-            full = T.alloc_barrier([32, 32])               # the producer warp's arrivals + TMA bytes
-            empty = T.alloc_barrier([threads, threads])    # every consumer thread, after the stage's GEMMs
+            full = T.alloc_barrier([AUX_THREADS, AUX_THREADS])     # the auxiliary threads' arrivals + TMA bytes
+            empty = T.alloc_barrier([readers, readers])    # every reading thread, after the stage's last use
+            if not warmup:
+                p_full = T.alloc_barrier(arrive_count=AUX_THREADS)   # P of a chunk staged in p_s
+                p_free = T.alloc_barrier(arrive_count=threads)     # P V' done: p_s may be overwritten
             # v_s and o_s are read/written row-wise by the accumulator fragments (8 rows of BV * 2 bytes
             # per warp access): unswizzled, every row of a warp falls on the same banks (8-way conflicts)
             if warmup:
@@ -111,13 +119,18 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             vn = T.alloc_fragment((C, BV), ACC)
             if not warmup:
                 out = T.alloc_fragment((C, BV), ACC)
-                qk = T.alloc_fragment((C, C), ACC)
+                qk = T.alloc_fragment((C, C), ACC)             # auxiliary warpgroup
 
             tx = T.get_thread_binding()
             if tx >= threads:
-                T.set_max_nreg(24, 0)
-                if tx < threads + 32:
-                    for c in T.serial(T.ceildiv(length, C)):
+                # The auxiliary warpgroup. Iteration c loads chunk c once the consumers are done with chunk
+                # c - 2 (the stage's previous contents), then forms P of chunk c - 1, which the consumers
+                # need at the end of that chunk: P = Lower(c5 (Q K^T) c6^T 2^(c4 - c4^T)), off their
+                # dependency chain. Straight-line epilogue (a mask product, the exponent clamped to stay
+                # finite above the diagonal), staged by one fragment copy (stmatrix).
+                T.set_max_nreg(aux_regs, 0)
+                for c in T.serial(T.ceildiv(length, C) + 1):
+                    if c * C < length:
                         st = c % 2
                         t0 = start + c * C
                         T.barrier_wait(empty[st], (c // 2 + 1) % 2)
@@ -128,8 +141,21 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                         T.tma_copy(ag[t0:t0 + C, h, 0:C], ag_s[st, :, :], barrier=full[st])
                         T.tma_copy(coef[h, t0:t0 + C, 0:COEFS], cf_s[st, :, :], barrier=full[st])
                         T.barrier_arrive(full[st])
-            else:
-                T.set_max_nreg(240, 1)
+                    if not warmup:
+                        if c > 0:
+                            ps = (c - 1) % 2
+                            T.barrier_wait(full[ps], ((c - 1) // 2) % 2)
+                            T.gemm(q_s[ps, :, :], k_s[ps, :, :], qk, transpose_B=True, clear_accum=True)
+                            for i, j in T.Parallel(C, C):
+                                qk[i, j] = qk[i, j] * cf_s[ps, i, 5] * cf_s[ps, j, 6] * T.Cast(ACC, i >= j) * T.exp2(
+                                    T.min(cf_s[ps, i, 4] - cf_s[ps, j, 4], 0.0))
+                            T.barrier_arrive(empty[ps])
+                            T.barrier_wait(p_free, c % 2)       # P V' of chunk c - 2 is done
+                            T.copy(qk, p_s)
+                            T.fence_proxy_async()
+                            T.barrier_arrive(p_full)
+            elif tx < threads:
+                T.set_max_nreg(consumer_regs, 1)
                 if warmup:
                     for i, j in T.Parallel(K, BV):
                         S[i, j] = T.if_then_else(i == v0 + j, T.cast(is_m, ACC), 0.0)
@@ -155,33 +181,25 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                         w_s[i, j] = v_keep * v_s[st, i, j] - T.if_then_else(i < rows, cf_s[st, i, 0], 0.0) * ks[i, j]
                     T.wgmma_gemm(ag_s[st, :, :], w_s, vn, clear_accum=True)
                     if not warmup:
-                        # Q K^T queued behind Ag W, so it does not delay the state's chain
-                        T.wgmma_gemm(q_s[st, :, :], k_s[st, :, :], qk, transpose_B=True, clear_accum=True)
-                        T.wait_wgmma(2)                        # Q S done; Ag W, Q K^T run on under the scalings
+                        T.wait_wgmma(1)                        # Q S done; Ag W runs on under the scalings
                         for i, j in T.Parallel(C, BV):
                             out[i, j] = out[i, j] * T.if_then_else(i < rows, cf_s[st, i, 1], 0.0)
                     for i, j in T.Parallel(K, BV):
                         S[i, j] = S[i, j] * cf_s[st, 0, 3]
-                    T.wait_wgmma(0 if warmup else 1)           # Ag W done
+                    T.wait_wgmma(0)                            # Ag W done
                     for i, j in T.Parallel(C, BV):
                         if not warmup:
                             vn_s[i, j] = vn[i, j]                  # P V' operand (output only)
                         vc_s[i, j] = vn[i, j] * T.if_then_else(i < rows, cf_s[st, i, 2], 0.0)
                     T.wgmma_gemm(k_s[st, :, :], vc_s, S, transpose_A=True)
                     if not warmup:
-                        T.wait_wgmma(1)                        # Q K^T done; K^T V' runs on under P
-                        # straight-line code (a mask product, the exponent clamped to stay finite above the
-                        # diagonal; a select or branch per element made this three times longer), then
-                        # one fragment copy (stmatrix) instead of scalar stores
-                        for i, j in T.Parallel(C, C):
-                            qk[i, j] = qk[i, j] * cf_s[st, i, 5] * cf_s[st, j, 6] * T.Cast(ACC, i >= j) * T.exp2(
-                                T.min(cf_s[st, i, 4] - cf_s[st, j, 4], 0.0))
-                        T.copy(qk, p_s)
+                        T.barrier_wait(p_full, c % 2)
                         T.wgmma_gemm(p_s, vn_s, out)
                     T.wait_wgmma(0 if warmup else 1)           # new S done; P V' runs on under its restaging
                     T.copy(S, s_s)
                     if not warmup:
                         T.wait_wgmma(0)
+                        T.barrier_arrive(p_free)
                     T.barrier_arrive(empty[st])
                     if not warmup:
                         T.copy(out, o_s)                                # staged: 16-byte coalesced stores

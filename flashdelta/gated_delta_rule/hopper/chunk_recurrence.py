@@ -9,12 +9,13 @@ Ag and the row factors c0..c6 from ``chunk_matrices`` (DESIGN section 2):
     O  = c1 * (Q S) + P V'
     S  = c3 * S + K^T (c2 * V')
 
-Q K^T and P's epilogue are off the state's dependency chain (see below).
+Only the state's chain runs on the consumers; the output is formed beside it (see below).
 
 Chunks are loaded whole (TMA; rows past the sequence's end belong to the next sequence or lie past T
 and come back as zeros). Rows past the end are neutralised by zeroing their row factors: their V'
 rows never reach a valid output (Ag and P are lower triangular) or the state (c2 = 0), and their
-outputs are not stored. Lengths are dynamic: sequences come from a table of (first token, length).
+outputs are not stored. The zeroing is a product with the row mask, not a select: a select's load
+became a branch per element, three times slower (the factors are finite either way). Lengths are dynamic: sequences come from a table of (first token, length).
 
 Context parallelism's warm-up (``warmup=True``) runs the state part only: no q, P or output. Its grid
 is doubled along V: the first half computes R (the state reached from zero over a token span), the
@@ -26,10 +27,10 @@ written to ``ht[n]``, M to ``ht[num_seqs + n]``.
 Warp specialisation is written out (not TileLang's automatic pipelining) so the GEMMs can run
 asynchronously around the state's dependency chain. An auxiliary warpgroup streams each chunk's tiles
 into two stages (one ``full`` mbarrier per stage, TMA transaction counts; one ``empty`` barrier
-released when every reader is done with the stage) and forms P, one chunk behind its loads, off the
-consumers' chain (``p_full`` / ``p_free`` hand p_s over). The consumer warpgroups overlap Q S with the
-W update, the c1/c3 scalings with Ag W, and P V' with restaging the new S. Four warpgroups (a
-producer, a P warpgroup, two consumers) would cap registers at 128 a thread: the consumers spill.
+released when every reader is done with the stage) and, one chunk behind its loads, computes the
+output (Q S, P, P V', the stores) while the consumer warpgroups advance the state: K S, W, Ag W and
+K^T V' alone are on their chain. ``s_full`` / ``s_free`` and ``vn_full`` / ``vn_free`` hand s_s and vn_s
+over. Four warpgroups (a producer apart) would cap registers at 128 a thread: the consumers spill.
 """
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
@@ -57,8 +58,11 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     table = (num_seqs, v_heads, 4) if warmup else (num_seqs, 2)
     halves = 2 if warmup else 1             # warm-up: R CTAs, then M CTAs
     readers = threads if warmup else threads + AUX_THREADS          # threads that read each stage
-    aux_regs = 24 if warmup else 104                                 # what the auxiliary warpgroup keeps
-    consumer_regs = min(240, (65536 - AUX_THREADS * aux_regs) // threads // 8 * 8)
+    # Registers: the consumers take what the auxiliary warpgroup gives back. setmaxnreg.inc waits until
+    # the CTA's pool (its launch allocation, not the SM's 64K) has them: asking for more hangs.
+    launch_regs = min(240, 65536 // (threads + AUX_THREADS) // 8 * 8)
+    aux_regs = 24 if warmup else 152
+    consumer_regs = min(240, (launch_regs * (threads + AUX_THREADS) - aux_regs * AUX_THREADS) // threads // 8 * 8)
 
     @T.prim_func
     def chunk_recurrence(
@@ -105,8 +109,11 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             full = T.alloc_barrier([AUX_THREADS, AUX_THREADS])     # the auxiliary threads' arrivals + TMA bytes
             empty = T.alloc_barrier([readers, readers])    # every reading thread, after the stage's last use
             if not warmup:
-                p_full = T.alloc_barrier(arrive_count=AUX_THREADS)   # P of a chunk staged in p_s
-                p_free = T.alloc_barrier(arrive_count=threads)     # P V' done: p_s may be overwritten
+                # hand-overs between the consumers (state) and the auxiliary warpgroup (output)
+                s_full = T.alloc_barrier(arrive_count=threads)         # the state entering a chunk is in s_s
+                s_free = T.alloc_barrier(arrive_count=AUX_THREADS)     # Q S read it: s_s may be overwritten
+                vn_full = T.alloc_barrier(arrive_count=threads)        # the chunk's V' is in vn_s
+                vn_free = T.alloc_barrier(arrive_count=AUX_THREADS)    # P V' read it
             # v_s and o_s are read/written row-wise by the accumulator fragments (8 rows of BV * 2 bytes
             # per warp access): unswizzled, every row of a warp falls on the same banks (8-way conflicts)
             if warmup:
@@ -118,16 +125,16 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             ks = T.alloc_fragment((C, BV), ACC)
             vn = T.alloc_fragment((C, BV), ACC)
             if not warmup:
-                out = T.alloc_fragment((C, BV), ACC)
-                qk = T.alloc_fragment((C, C), ACC)             # auxiliary warpgroup
+                out = T.alloc_fragment((C, BV), ACC)           # auxiliary warpgroup
+                qk = T.alloc_fragment((C, C), ACC)
 
             tx = T.get_thread_binding()
             if tx >= threads:
-                # The auxiliary warpgroup. Iteration c loads chunk c once the consumers are done with chunk
-                # c - 2 (the stage's previous contents), then forms P of chunk c - 1, which the consumers
-                # need at the end of that chunk: P = Lower(c5 (Q K^T) c6^T 2^(c4 - c4^T)), off their
-                # dependency chain. Straight-line epilogue (a mask product, the exponent clamped to stay
-                # finite above the diagonal), staged by one fragment copy (stmatrix).
+                # The auxiliary warpgroup. Iteration c loads chunk c once every reader is done with chunk
+                # c - 2 (the stage's previous contents), then computes chunk c - 1's output while the
+                # consumers advance the state: O = c1 (Q S) + P V', P = Lower(c5 (Q K^T) c6^T 2^(c4 - c4^T)).
+                # P's epilogue is straight-line (a mask product, the exponent clamped to stay finite above
+                # the diagonal) and staged by one fragment copy (stmatrix).
                 T.set_max_nreg(aux_regs, 0)
                 for c in T.serial(T.ceildiv(length, C) + 1):
                     if c * C < length:
@@ -143,17 +150,28 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                         T.barrier_arrive(full[st])
                     if not warmup:
                         if c > 0:
-                            ps = (c - 1) % 2
-                            T.barrier_wait(full[ps], ((c - 1) // 2) % 2)
+                            d = c - 1
+                            ps = d % 2
+                            rows = length - d * C
+                            T.barrier_wait(full[ps], (d // 2) % 2)
+                            T.barrier_wait(s_full, d % 2)
+                            T.gemm(q_s[ps, :, :], s_s, out, clear_accum=True)
+                            T.barrier_arrive(s_free)
                             T.gemm(q_s[ps, :, :], k_s[ps, :, :], qk, transpose_B=True, clear_accum=True)
                             for i, j in T.Parallel(C, C):
                                 qk[i, j] = qk[i, j] * cf_s[ps, i, 5] * cf_s[ps, j, 6] * T.Cast(ACC, i >= j) * T.exp2(
                                     T.min(cf_s[ps, i, 4] - cf_s[ps, j, 4], 0.0))
+                            for i, j in T.Parallel(C, BV):
+                                out[i, j] = out[i, j] * cf_s[ps, i, 1] * T.Cast(ACC, i < rows)
                             T.barrier_arrive(empty[ps])
-                            T.barrier_wait(p_free, c % 2)       # P V' of chunk c - 2 is done
                             T.copy(qk, p_s)
-                            T.fence_proxy_async()
-                            T.barrier_arrive(p_full)
+                            T.barrier_wait(vn_full, d % 2)
+                            T.gemm(p_s, vn_s, out)
+                            T.barrier_arrive(vn_free)
+                            T.copy(out, o_s)                            # staged: 16-byte coalesced stores
+                            for i, j in T.Parallel(C, BV):
+                                if i < rows:
+                                    o[start + d * C + i, h, v0 + j] = o_s[i, j]
             elif tx < threads:
                 T.set_max_nreg(consumer_regs, 1)
                 if warmup:
@@ -165,47 +183,39 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 else:
                     T.clear(S)
                 T.copy(S, s_s)
+                if not warmup:
+                    T.fence_proxy_async()
+                    T.barrier_arrive(s_full)
 
                 v_keep = T.cast(1 - is_m, ACC)
                 for c in T.serial(T.ceildiv(length, C)):
                     st = c % 2
-                    t0 = start + c * C
                     rows = length - c * C                  # valid rows of this chunk (> 64 = all)
                     T.barrier_wait(full[st], (c // 2) % 2)
-                    # wgmma groups complete in issue order: wait_wgmma(1) = all but the latest one
                     T.wgmma_gemm(k_s[st, :, :], s_s, ks, clear_accum=True)
-                    if not warmup:
-                        T.wgmma_gemm(q_s[st, :, :], s_s, out, clear_accum=True)
-                    T.wait_wgmma(0 if warmup else 1)           # K S done; Q S runs on under the W update
+                    T.wait_wgmma(0)
                     for i, j in T.Parallel(C, BV):
-                        w_s[i, j] = v_keep * v_s[st, i, j] - T.if_then_else(i < rows, cf_s[st, i, 0], 0.0) * ks[i, j]
+                        w_s[i, j] = v_keep * v_s[st, i, j] - cf_s[st, i, 0] * T.Cast(ACC, i < rows) * ks[i, j]
                     T.wgmma_gemm(ag_s[st, :, :], w_s, vn, clear_accum=True)
-                    if not warmup:
-                        T.wait_wgmma(1)                        # Q S done; Ag W runs on under the scalings
-                        for i, j in T.Parallel(C, BV):
-                            out[i, j] = out[i, j] * T.if_then_else(i < rows, cf_s[st, i, 1], 0.0)
-                    for i, j in T.Parallel(K, BV):
+                    for i, j in T.Parallel(K, BV):                     # under Ag W
                         S[i, j] = S[i, j] * cf_s[st, 0, 3]
-                    T.wait_wgmma(0)                            # Ag W done
+                    T.wait_wgmma(0)
+                    if not warmup:
+                        T.barrier_wait(vn_free, (c + 1) % 2)        # P V' of the previous chunk is done
+                        T.copy(vn, vn_s)
+                        T.fence_proxy_async()
+                        T.barrier_arrive(vn_full)
                     for i, j in T.Parallel(C, BV):
-                        if not warmup:
-                            vn_s[i, j] = vn[i, j]                  # P V' operand (output only)
-                        vc_s[i, j] = vn[i, j] * T.if_then_else(i < rows, cf_s[st, i, 2], 0.0)
+                        vc_s[i, j] = vn[i, j] * cf_s[st, i, 2] * T.Cast(ACC, i < rows)
                     T.wgmma_gemm(k_s[st, :, :], vc_s, S, transpose_A=True)
-                    if not warmup:
-                        T.barrier_wait(p_full, c % 2)
-                        T.wgmma_gemm(p_s, vn_s, out)
-                    T.wait_wgmma(0 if warmup else 1)           # new S done; P V' runs on under its restaging
-                    T.copy(S, s_s)
-                    if not warmup:
-                        T.wait_wgmma(0)
-                        T.barrier_arrive(p_free)
+                    T.wait_wgmma(0)
                     T.barrier_arrive(empty[st])
                     if not warmup:
-                        T.copy(out, o_s)                                # staged: 16-byte coalesced stores
-                        for i, j in T.Parallel(C, BV):
-                            if i < rows:
-                                o[t0 + i, h, v0 + j] = o_s[i, j]
+                        T.barrier_wait(s_free, c % 2)               # Q S of this chunk has read s_s
+                    T.copy(S, s_s)
+                    if not warmup:
+                        T.fence_proxy_async()
+                        T.barrier_arrive(s_full)
 
                 if store_ht != 0:
                     for i, j in T.Parallel(K, BV):

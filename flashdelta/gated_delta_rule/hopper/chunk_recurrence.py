@@ -15,7 +15,8 @@ Chunks are loaded whole (TMA; rows past the sequence's end belong to the next se
 and come back as zeros). Rows past the end are neutralised by zeroing their row factors: their V'
 rows never reach a valid output (Ag and P are lower triangular) or the state (c2 = 0), and their
 outputs are not stored. The zeroing is a product with the row mask, not a select: a select's load
-became a branch per element, three times slower (the factors are finite either way). Lengths are dynamic: sequences come from a table of (first token, length).
+became a branch per element, three times slower (the factors are finite either way). Lengths are
+dynamic: sequences come from a table of (first token, length).
 
 Context parallelism's warm-up (``warmup=True``) runs the state part only: no q, P or output. Its grid
 is doubled along V: the first half computes R (the state reached from zero over a token span), the
@@ -30,7 +31,8 @@ into two stages (one ``full`` mbarrier per stage, TMA transaction counts; one ``
 released when every reader is done with the stage) and, one chunk behind its loads, computes the
 output (Q S, P, P V', the stores) while the consumer warpgroups advance the state: K S, W, Ag W and
 K^T V' alone are on their chain. ``s_full`` / ``s_free`` and ``vn_full`` / ``vn_free`` hand s_s and vn_s
-over. Four warpgroups (a producer apart) would cap registers at 128 a thread: the consumers spill.
+over. One warpgroup does both jobs because a fourth (a producer of its own) would cap registers at
+128 a thread, and the consumers would spill.
 """
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
@@ -39,7 +41,7 @@ from .chunk_matrices import COEFS
 
 CHUNK = 64
 ACC = "float32"
-AUX_THREADS = 128                       # one warpgroup: streams the tiles and forms P
+AUX_THREADS = 128                       # one warpgroup: streams the tiles and computes the output
 
 
 def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256, warmup: bool = False):
@@ -94,7 +96,8 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 start = seqs[n, 0]
                 length = seqs[n, 1]
 
-            # two stages of the streamed tiles, then single staging buffers of the consumers
+            # two stages of the streamed tiles, then single buffers: the auxiliary warpgroup's (p, vn, o)
+            # and the consumers' (s, w, vc)
             if not warmup:
                 q_s = T.alloc_shared((2, C, K), dtype)
                 p_s = T.alloc_shared((C, C), dtype)

@@ -54,7 +54,7 @@ def main():
     data = json.load(open(args.tune_json))
     grid = {
         "step_us": [{128: s128, 64: s64} for s128 in (3.0, 3.5, 4.0) for s64 in (2.0, 2.4, 2.8)],
-        "warmup_ratio": [0.7, 0.9, 1.1],
+        "warmup_ratio": [0.5, 0.7, 0.9, 1.1],
         "scan_step_us": [2.5, 3.5, 5.0],
         "cp_overhead_us": [10.0, 30.0, 60.0, 100.0],
     }

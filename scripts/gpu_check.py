@@ -268,7 +268,7 @@ def tune(path):
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     heads = [(2, 8), (4, 16), (8, 32), (16, 64)]
-    lengths = [[32768], [8192], [2048], [28672, 4096], [1024, 7168], [2048] * 4]
+    lengths = [[32768], [8192], [2048], [28672, 4096], [1024, 7168], [2048] * 4, [8192] * 4]
     results = {}
     for H, HV in heads:
         for lens in lengths:

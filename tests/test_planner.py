@@ -96,3 +96,20 @@ def test_true_and_one_chunk_are_different_requests():
     auto = plan_forward((32768,), 8, 128, 132, context_parallel=True)
     one = plan_forward((32768,), 8, 128, 132, context_parallel=1)
     assert auto.segment_chunks != 1 and one.segment_chunks == 1
+
+
+def test_makespan_counts_whole_waves():
+    # one CTA walks its whole sequence: 192 equal walks on 132 SMs take two walks, not 1.45
+    assert planner.makespan([128] * 4, 48, 132) == 256
+    assert planner.makespan([128] * 4, 24, 132) == 128
+    # CTAs start on the first SM to come free, in launch order
+    assert planner.makespan([10, 1, 1, 1], 1, 2) == 10
+    assert planner.makespan([1, 1, 1, 10], 1, 2) == 11
+    assert planner.makespan([], 4, 132) == 0
+    # far beyond the SMs: the even spread (the simulation's bound there)
+    assert planner.makespan([64] * 1000, 32, 132) == -(-64 * 1000 * 32 // 132)
+
+
+def test_one_wave_of_wide_tiles_beats_two_of_narrow():
+    # 4 x 24 heads: 96 CTAs of V tile 128 fill one wave; V tile 64 makes 192, two waves on 132 SMs
+    assert plan_forward((8192,) * 4, 24, 128, 132).v_tile == 128

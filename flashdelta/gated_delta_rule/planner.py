@@ -12,7 +12,8 @@ there are enough such CTAs. When there are not, two levers help (DESIGN section 
 The planner evaluates a latency model over the candidates and picks the fastest (the per-chunk
 preparation costs the same either way and is left out):
 
-    steps(walks)  = max(longest walk, chunk steps of all CTAs / SMs)         (in chunk steps)
+    steps(walks)  = makespan of the CTAs' walks on the SMs, each CTA to the first free SM in launch
+                    order (so 192 equal walks on 132 SMs take two walks, not 1.45)  (in chunk steps)
     unsplit(BV)   = steps(sequences x HV x V/BV) * step(BV)
     CP(L, BV)     = overhead + warm-up + scan + steps(segments x HV x V/BV) * step(BV)
     warm-up       = steps(exact warm-ups, L each) * warmup_ratio * step(BV),  scan = segments per sequence * scan_step
@@ -21,11 +22,13 @@ Its constants live in ``TUNING``; they came from the benchmark command recorded 
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from functools import lru_cache
 
 CHUNK = 64
 MAX_SEGMENTS = 65535 - 1             # the warm-up's grid z extent holds the segments and one "none" row
+SIMULATED_WAVES = 8                  # beyond this many CTAs per SM the makespan is estimated, not simulated
 
 # Latency-model constants, microseconds on an H100, fitted (scripts/fit_planner.py: the smallest
 # total regret of the modelled choice against the best measured layout; geomean slowdown 1.000 over
@@ -65,9 +68,8 @@ def estimate(seq_chunks: tuple[int, ...], v_heads: int, v_dim: int, sm_count: in
     slots = sm_count * tuning["ctas_per_sm"]
 
     def steps(lengths, ctas_each):
-        """Chunk steps until CTAs walking ``lengths`` chunks (``ctas_each`` CTAs per entry) are done:
-        the longest walk, or the total spread over the SMs, whichever is longer."""
-        return max(max(lengths, default=0), -(-sum(lengths) * ctas_each // slots))
+        """Chunk steps until CTAs walking ``lengths`` chunks (``ctas_each`` CTAs per entry) are done."""
+        return makespan(lengths, ctas_each, slots)
 
     longest = max(seq_chunks, default=0)
     if segment_chunks is None or segment_chunks >= longest:
@@ -79,6 +81,22 @@ def estimate(seq_chunks: tuple[int, ...], v_heads: int, v_dim: int, sm_count: in
     warmup = steps(exact, v_heads * v_tiles) * tuning["warmup_ratio"] * step
     scan = max(per_seq) * tuning["scan_step_us"]
     return tuning["cp_overhead_us"] + warmup + scan + steps(pieces, v_heads * v_tiles) * step
+
+
+def makespan(lengths, ctas_each: int, slots: int) -> int:
+    """Steps until ``ctas_each`` CTAs per entry of ``lengths`` (in launch order) are done on ``slots``
+    SMs, each CTA starting on the first SM to come free. Beyond ``SIMULATED_WAVES`` CTAs per SM: the
+    longest walk or the total spread evenly, whichever is longer (within 1/8 of the schedule there,
+    and planning a new shape stays well under a millisecond)."""
+    if not lengths:
+        return 0
+    if len(lengths) * ctas_each > SIMULATED_WAVES * slots:
+        return max(max(lengths), -(-sum(lengths) * ctas_each // slots))
+    free = [0] * slots
+    for n in lengths:
+        for _ in range(ctas_each):
+            heapq.heapreplace(free, free[0] + n)
+    return max(free)
 
 
 def plan_forward(seq_lens: tuple[int, ...], v_heads: int, v_dim: int, sm_count: int,

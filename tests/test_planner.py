@@ -23,8 +23,9 @@ def test_auto_cp_can_be_switched_off(monkeypatch):
 
 
 @pytest.mark.parametrize("seq_lens,hv,want", [
-    ((32768,), 8, (128, 32)), ((8192,), 8, (64, 16)), ((2048,), 8, (64, None)), ((32768,), 16, (128, 64)),
-    ((32768,), 64, (64, None)), ((2048,) * 4, 32, (128, None))])
+    ((32768,), 8, (128, 32)), ((8192,), 8, (64, 16)), ((2048,), 8, (64, 8)), ((32768,), 16, (128, 64)),
+    ((32768,), 64, (64, None)), ((2048,) * 4, 32, (128, None)), ((8192,) * 4, 8, (128, 32)),
+    ((8192,) * 4, 16, (64, None)), ((8192,) * 4, 32, (128, None))])
 def test_fitted_choices(seq_lens, hv, want):
     """The best measured layouts of the tuning run (H100, 132 SMs) that the fitted model reproduces."""
     plan = plan_forward(seq_lens, hv, 128, 132)

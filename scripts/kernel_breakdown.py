@@ -51,10 +51,12 @@ def main():
     ap.add_argument("--shape", action="append", required=True)
     ap.add_argument("--heads", action="append", required=True)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--peers", default="fla,flashqla", help="comma list of fla, flashqla (or none)")
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    impls = [peers.FlashDelta(), peers.FLATriton(), peers.FlashQLA()]
+    wanted = {p.strip().lower() for p in args.peers.split(",")}
+    impls = [peers.FlashDelta()] + [p for p in (peers.FLATriton(), peers.FlashQLA()) if p.name.lower() in wanted]
     impls = [i for i in impls if i.load(dev) is None]
     lines = []
     for shape, heads in zip(args.shape, args.heads):

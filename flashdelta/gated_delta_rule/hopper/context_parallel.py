@@ -26,12 +26,12 @@ SCAN_V_TILE = 64
 
 @functools.lru_cache(maxsize=None)
 def scan_kernel(K: int = 128):
-    return _compile(segment_scan_kernel(K, SCAN_V_TILE))
+    return _compile(segment_scan_kernel, K, SCAN_V_TILE)
 
 
 @functools.lru_cache(maxsize=None)
 def windows_kernel():
-    return _compile(segment_windows_kernel(CHUNK))
+    return _compile(segment_windows_kernel, CHUNK)
 
 
 def segment_windows(stats, table: SegmentTable, tau: float):

@@ -25,6 +25,10 @@ MAX_GRID_Z = 65535
 
 compilations = 0                          # kernels built in this process (tests check new lengths add none)
 _counting = threading.Lock()
+# TileLang builds a prim_func by parsing its Python source (ast.parse), which CPython 3.11 does not
+# allow from several threads at once ("AST constructor recursion depth mismatch"): tracing takes
+# turns, lowering and nvcc still run in parallel.
+_tracing = threading.Lock()
 
 
 def supports(K: int, V: int) -> bool:
@@ -56,10 +60,13 @@ def ready(dtype: str) -> None:
             pass
 
 
-def _compile(func, fast_math: bool = False):
+def _compile(make, *args, fast_math: bool = False, **kwargs):
+    """Builds ``make(*args, **kwargs)`` (a prim_func) for ``TARGET``."""
     global compilations
     with _counting:
         compilations += 1
+    with _tracing:
+        func = make(*args, **kwargs)
     return tilelang.compile(func, target=TARGET,
                             pass_configs={tilelang.PassConfigKey.TL_ENABLE_FAST_MATH: fast_math})
 
@@ -67,14 +74,14 @@ def _compile(func, fast_math: bool = False):
 @functools.lru_cache(maxsize=None)
 def matrices_kernel(dtype: str):
     # fast math: a quarter fewer instructions (its exps; arguments are <= 0), no measurable change on H100
-    return _compile(chunk_matrices_kernel(HEAD_DIM, dtype), fast_math=True)
+    return _compile(chunk_matrices_kernel, HEAD_DIM, dtype, fast_math=True)
 
 
 @functools.lru_cache(maxsize=None)
 def recurrence_kernel(dtype: str, bv: int, warmup: bool = False):
     # fast math: P's exp2 becomes one ex2.approx instruction
-    return _compile(chunk_recurrence_kernel(HEAD_DIM, HEAD_DIM, bv, dtype, threads=256 if bv == 128 else 128,
-                                            warmup=warmup), fast_math=True)
+    return _compile(chunk_recurrence_kernel, HEAD_DIM, HEAD_DIM, bv, dtype, threads=256 if bv == 128 else 128,
+                    warmup=warmup, fast_math=True)
 
 
 @functools.lru_cache(maxsize=256)

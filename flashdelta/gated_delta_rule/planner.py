@@ -67,20 +67,20 @@ def estimate(seq_chunks: tuple[int, ...], v_heads: int, v_dim: int, sm_count: in
     v_tiles = -(-v_dim // v_tile)
     slots = sm_count * tuning["ctas_per_sm"]
 
-    def steps(lengths, ctas_each):
-        """Chunk steps until CTAs walking ``lengths`` chunks (``ctas_each`` CTAs per entry) are done."""
-        return makespan(lengths, ctas_each, slots)
+    def steps(lengths):
+        """Chunk steps until the walks of ``lengths`` chunks, one CTA per value head and V tile, are done."""
+        return makespan(lengths, v_heads * v_tiles, slots)
 
     longest = max(seq_chunks, default=0)
     if segment_chunks is None or segment_chunks >= longest:
-        return steps(seq_chunks, v_heads * v_tiles) * step
+        return steps(seq_chunks) * step
     L = segment_chunks
     per_seq = [-(-c // L) for c in seq_chunks]
     pieces = [min(L, c - s) for c in seq_chunks for s in range(0, c, L)]
     exact = [L] * round(2 * tuning["exact_fraction"] * (len(pieces) - len(seq_chunks)))
-    warmup = steps(exact, v_heads * v_tiles) * tuning["warmup_ratio"] * step
+    warmup = steps(exact) * tuning["warmup_ratio"] * step
     scan = max(per_seq) * tuning["scan_step_us"]
-    return tuning["cp_overhead_us"] + warmup + scan + steps(pieces, v_heads * v_tiles) * step
+    return tuning["cp_overhead_us"] + warmup + scan + steps(pieces) * step
 
 
 def makespan(lengths, ctas_each: int, slots: int) -> int:

@@ -30,7 +30,6 @@ class SegmentTable:
     """Device-side bookkeeping of a plan's segments (built once per plan and device). S segments."""
 
     order: torch.Tensor           # [N, J] int32 segment index of the j-th segment of sequence n; S = "none"
-    last: torch.Tensor            # [N] index of each sequence's last segment; S = "none"
     spans: torch.Tensor           # [S + 1, 2] int32 (first token, length); the last row is the empty "none"
     segments: torch.Tensor        # [S + 1, 5] int32 first token, length, first chunk, chunks, used (0 for
                                   # a sequence's last segment, whose R and M the scan never reads, and "none")
@@ -54,8 +53,7 @@ class SegmentTable:
         final_rows = [i if i < S else S + 1 + n for n, i in enumerate(last)]
         segments = host_table(rows, torch.int32, device)
         return SegmentTable(host_table(order, torch.int32, device).reshape(len(seq_lens), J),
-                            host_table(last, torch.int64, device), segments[:, :2].contiguous(), segments,
-                            host_table(final_rows, torch.int64, device))
+                            segments[:, :2].contiguous(), segments, host_table(final_rows, torch.int64, device))
 
 
 def chunk_stats(g, beta, k, chunks, group: int, use_qk_l2norm: bool):

@@ -9,7 +9,10 @@ Ag and the row factors c0..c6 from ``chunk_matrices`` (DESIGN section 2):
     O  = c1 * (Q S) + P V'
     S  = c3 * S + K^T (c2 * V')
 
-Only the state's chain runs on the consumers; the output is formed beside it (see below).
+Only the state's chain runs on the consumers; the output is formed beside it (see below). The
+consumers hold the state transposed (S^T, BV x K) and compute the transposed chain
+W^T = V^T - (K S)^T diag(c0), V'^T = W^T Ag^T, S^T = c3 S^T + (diag(c2) V')^T K: each GEMM takes its
+A operand from registers (wgmma RS), so nothing on the chain is restaged through shared memory.
 
 Chunks are loaded whole (TMA; rows past the sequence's end belong to the next sequence or lie past T
 and come back as zeros). Rows past the end are neutralised by zeroing their row factors: their V'
@@ -59,7 +62,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     ht_seqs = T.dynamic("ht_seqs")
     table = (num_seqs, v_heads, 4) if warmup else (num_seqs, 2)
     halves = 2 if warmup else 1             # warm-up: R CTAs, then M CTAs
-    restage = warmup or threads == 128      # epilogue style, see the consumer loop
+    ROWS = T.GemmWarpPolicy.FullRow         # the consumers' GEMMs: each warpgroup owns 64 of the BV rows
     readers = threads if warmup else threads + AUX_THREADS          # threads that read each stage
     # Registers: the consumers take what the auxiliary warpgroup gives back. setmaxnreg.inc waits until
     # the CTA's pool (its launch allocation, not the SM's 64K) has them: asking for more hangs.
@@ -101,15 +104,13 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             if not warmup:
                 q_s = T.alloc_shared((2, C, K), dtype)
                 p_s = T.alloc_shared((C, C), dtype)
-                vn_s = T.alloc_shared((C, BV), dtype)
+                vn_s = T.alloc_shared((BV, C), dtype)          # V'^T of the chunk, for P V'
                 o_s = T.alloc_shared((C, BV), dtype)
+                s_s = T.alloc_shared((BV, K), dtype)           # S^T entering the chunk, for Q S
             k_s = T.alloc_shared((2, C, K), dtype)
             v_s = T.alloc_shared((2, C, BV), dtype)
             ag_s = T.alloc_shared((2, C, C), dtype)
             cf_s = T.alloc_shared((2, C, COEFS), ACC)
-            s_s = T.alloc_shared((K, BV), dtype)
-            w_s = T.alloc_shared((C, BV), dtype)
-            vc_s = T.alloc_shared((C, BV), dtype)
             full = T.alloc_barrier([AUX_THREADS, AUX_THREADS])     # the auxiliary threads' arrivals + TMA bytes
             empty = T.alloc_barrier([readers, readers])    # every reading thread, after the stage's last use
             if not warmup:
@@ -125,9 +126,12 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             else:
                 T.annotate_layout({v_s: make_swizzled_layout(v_s), o_s: make_swizzled_layout(o_s)})
 
-            S = T.alloc_fragment((K, BV), ACC)
-            ks = T.alloc_fragment((C, BV), ACC)
-            vn = T.alloc_fragment((C, BV), ACC)
+            # the state transposed, S^T (BV x K): every GEMM of its chain then takes its A operand from
+            # registers (S^T, W^T, V'^T) and nothing on the chain goes through shared memory
+            S = T.alloc_fragment((BV, K), ACC)
+            sa = T.alloc_fragment((BV, K), dtype)           # S^T as the first GEMM's A operand
+            acc = T.alloc_fragment((BV, C), ACC)
+            accb = T.alloc_fragment((BV, C), dtype)
             if not warmup:
                 out = T.alloc_fragment((C, BV), ACC)           # auxiliary warpgroup
                 qk = T.alloc_fragment((C, C), ACC)
@@ -159,7 +163,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                             rows = length - d * C
                             T.barrier_wait(full[ps], (d // 2) % 2)
                             T.barrier_wait(s_full, d % 2)
-                            T.gemm(q_s[ps, :, :], s_s, out, clear_accum=True)
+                            T.gemm(q_s[ps, :, :], s_s, out, transpose_B=True, clear_accum=True)
                             T.barrier_arrive(s_free)
                             T.gemm(q_s[ps, :, :], k_s[ps, :, :], qk, transpose_B=True, clear_accum=True)
                             for i, j in T.Parallel(C, C):
@@ -170,7 +174,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                             T.barrier_arrive(empty[ps])
                             T.copy(qk, p_s)
                             T.barrier_wait(vn_full, d % 2)
-                            T.gemm(p_s, vn_s, out)
+                            T.gemm(p_s, vn_s, out, transpose_B=True)
                             T.barrier_arrive(vn_free)
                             T.copy(out, o_s)                            # staged: 16-byte coalesced stores
                             for i, j in T.Parallel(C, BV):
@@ -179,68 +183,55 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             elif tx < threads:
                 T.set_max_nreg(consumer_regs, 1)
                 if warmup:
-                    for i, j in T.Parallel(K, BV):
-                        S[i, j] = T.if_then_else(i == v0 + j, T.cast(is_m, ACC), 0.0)
+                    for i, j in T.Parallel(BV, K):
+                        S[i, j] = T.if_then_else(j == v0 + i, T.cast(is_m, ACC), 0.0)
                 elif has_h0 != 0:
-                    for i, j in T.Parallel(K, BV):
-                        S[i, j] = T.if_then_else(v_first != 0, h0[n, h, (v0 + j) * K + i], h0[n, h, i * V + v0 + j])
+                    for i, j in T.Parallel(BV, K):
+                        S[i, j] = T.if_then_else(v_first != 0, h0[n, h, (v0 + i) * K + j], h0[n, h, j * V + v0 + i])
                 else:
                     T.clear(S)
-                T.copy(S, s_s)
-                if not warmup:
-                    T.fence_proxy_async()
-                    T.barrier_arrive(s_full)
+                T.copy(S, sa)
 
                 v_keep = T.cast(1 - is_m, ACC)
                 for c in T.serial(T.ceildiv(length, C)):
                     st = c % 2
-                    rows = length - c * C                  # valid rows of this chunk (> 64 = all)
+                    rows = length - c * C                  # valid tokens of this chunk (> 64 = all)
                     T.barrier_wait(full[st], (c // 2) % 2)
-                    T.wgmma_gemm(k_s[st, :, :], s_s, ks, clear_accum=True)
-                    T.wait_wgmma(0)
-                    # Epilogue style, measured on H100: updating the fragment, then staging it with one copy
-                    # (stmatrix) is 8% faster with one warpgroup (BV = 64) and 22% in the warm-up; a loop
-                    # that loads and stores shared memory per element runs as a serial load-store chain.
-                    # Two warpgroups with the output hand-over hide that chain, and there the copy's extra
-                    # barrier cost 8%.
-                    if restage:
-                        for i, j in T.Parallel(C, BV):
-                            ks[i, j] = v_keep * v_s[st, i, j] - cf_s[st, i, 0] * T.Cast(ACC, i < rows) * ks[i, j]
-                        T.copy(ks, w_s)
-                    else:
-                        for i, j in T.Parallel(C, BV):
-                            w_s[i, j] = v_keep * v_s[st, i, j] - cf_s[st, i, 0] * T.Cast(ACC, i < rows) * ks[i, j]
-                    T.wgmma_gemm(ag_s[st, :, :], w_s, vn, clear_accum=True)
-                    for i, j in T.Parallel(K, BV):                     # under Ag W
-                        S[i, j] = S[i, j] * cf_s[st, 0, 3]
-                    T.wait_wgmma(0)
+                    # W^T = v_keep V^T - (K S)^T diag(c0): columns are tokens
+                    T.wgmma_gemm(sa, k_s[st, :, :], acc, transpose_B=True, clear_accum=True, policy=ROWS)
                     if not warmup:
-                        T.barrier_wait(vn_free, (c + 1) % 2)        # P V' of the previous chunk is done
-                        T.copy(vn, vn_s)
-                        T.fence_proxy_async()
-                        T.barrier_arrive(vn_full)
-                    if restage:
-                        for i, j in T.Parallel(C, BV):
-                            vn[i, j] = vn[i, j] * cf_s[st, i, 2] * T.Cast(ACC, i < rows)
-                        T.copy(vn, vc_s)
-                    else:
-                        for i, j in T.Parallel(C, BV):
-                            vc_s[i, j] = vn[i, j] * cf_s[st, i, 2] * T.Cast(ACC, i < rows)
-                    T.wgmma_gemm(k_s[st, :, :], vc_s, S, transpose_A=True)
-                    T.wait_wgmma(0)
-                    T.barrier_arrive(empty[st])
-                    if not warmup:
-                        T.barrier_wait(s_free, c % 2)               # Q S of this chunk has read s_s
-                    T.copy(S, s_s)
-                    if not warmup:
+                        # the state entering this chunk, for the output's Q S (under K S)
+                        T.barrier_wait(s_free, (c + 1) % 2)         # Q S of the previous chunk is done
+                        T.copy(sa, s_s)
                         T.fence_proxy_async()
                         T.barrier_arrive(s_full)
+                    T.wait_wgmma(0)
+                    for i, j in T.Parallel(BV, C):
+                        accb[i, j] = v_keep * v_s[st, j, i] - cf_s[st, j, 0] * T.Cast(ACC, j < rows) * acc[i, j]
+                    # V'^T = W^T Ag^T
+                    T.wgmma_gemm(accb, ag_s[st, :, :], acc, transpose_B=True, clear_accum=True, policy=ROWS)
+                    for i, j in T.Parallel(BV, K):                 # under Ag W
+                        S[i, j] = S[i, j] * cf_s[st, 0, 3]
+                    T.wait_wgmma(0)
+                    for i, j in T.Parallel(BV, C):
+                        accb[i, j] = acc[i, j] * cf_s[st, j, 2] * T.Cast(ACC, j < rows)
+                    # S^T = c3 S^T + (c2 V')^T K
+                    T.wgmma_gemm(accb, k_s[st, :, :], S, policy=ROWS)
+                    if not warmup:
+                        # V'^T for the output's P V' (under K^T V')
+                        T.barrier_wait(vn_free, (c + 1) % 2)        # P V' of the previous chunk is done
+                        T.copy(acc, vn_s)
+                        T.fence_proxy_async()
+                        T.barrier_arrive(vn_full)
+                    T.wait_wgmma(0)
+                    T.barrier_arrive(empty[st])
+                    T.copy(S, sa)
 
                 if store_ht != 0:
-                    for i, j in T.Parallel(K, BV):
+                    for i, j in T.Parallel(BV, K):
                         if v_first != 0:
-                            ht[n + is_m * num_seqs, h, (v0 + j) * K + i] = S[i, j]
+                            ht[n + is_m * num_seqs, h, (v0 + i) * K + j] = S[i, j]
                         else:
-                            ht[n + is_m * num_seqs, h, i * V + v0 + j] = S[i, j]
+                            ht[n + is_m * num_seqs, h, j * V + v0 + i] = S[i, j]
 
     return chunk_recurrence

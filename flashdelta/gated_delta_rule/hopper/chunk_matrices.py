@@ -12,31 +12,37 @@ rows i, j (valid rows only, DESIGN section 2) it writes:
 
 ``P = scale Gamma * Lower(Q K^T)`` is not formed here: the sequential kernel builds it from Q K^T and
 the last three factors (a round trip of 128 bytes per token and head saved). Folding the l2-norm into
-row factors lets it read raw q / k and stay the same with or without it. q is read here only for the
-l2-norm. A0 is inverted by blocks. With Kd / Ko the parts of Kn Kn^T in / below the four 16 x 16
-diagonal blocks (Kd without its diagonal), fp32 substitution gives the diagonal blocks'
-inverses D = (I + diag(beta) StrictLower(Kd))^-1, and with M = D diag(beta) Ko (M^4 = 0)
-``A0 = (I + M)^-1 D = D - M D + M^2 D - M^3 D``: four tf32 wgmma GEMMs. wgmma wants both operands
-K-major, so each GEMM is X Y^T with X, Y stored row-major, ordered so that every result is stored as it
-comes out of the accumulator, never transposed (Kn Kn^T is symmetric: Ko^T is a mask of it):
+row factors lets it read raw q / k and stay the same with or without it. q is read here only for its
+l2-norm, row sums straight from global memory. A0 is inverted by blocks. With Kd / Ko the parts of
+Kn Kn^T in / below the four 16 x 16 diagonal blocks (Kd without its diagonal), fp32 substitution gives
+the diagonal blocks' inverses D = (I + diag(beta) StrictLower(Kd))^-1, and with M = D diag(beta) Ko
+(M^4 = 0) ``A0 = (I + M)^-1 D = D - M D + M^2 D - M^3 D``: four wgmma GEMMs, written as X Y^T with X,
+Y row-major so that every result is used as it comes out of the accumulator, never transposed (Kn Kn^T
+is symmetric: Ko^T is a mask of it):
 
     M = (D diag(beta)) (Ko^T)^T,  V1^T = D^T - D^T M^T,  W = diag(beta) (D^T - V1^T M^T) = (V2 diag(beta))^T,
     A0 diag(beta) = D diag(beta) - M W^T.
 
-Everything that depends only on k (Ko^T, Kd) is formed once per CTA; a value head costs the
-substitution, the four GEMMs and the output epilogue.
+Their operands are fp16: the same 10-bit mantissa as tf32 (and rounded, where tf32 operands are
+truncated: 1e-4 relative error in Ag against 3e-4, both far below Ag's bf16 rounding), half the shared
+memory traffic, and V1^T goes from the accumulator straight into the next GEMM's registers. fp16's range
+needs |k|^2 < 65504 without the in-kernel l2-norm (every key with norm below 255); a larger key overflows
+to inf, and such a key breaks the beta |k|^2 <= 2 condition the delta rule needs unless beta < 3e-5.
 
-Shared memory is kept under 56 KB (4 CTAs per SM) with three 64 x 64 fp32 buffers: ``ko`` holds Kn Kn^T
-(only its blocks above the diagonal, Ko^T, reach unmasked results of the first GEMM); ``x1`` holds
-D diag(beta), then M; ``x2`` holds D^T, V1^T, W, each result written over its own operand once the
-GEMM is done. The
-diagonal blocks need no copies: V1^T and D^T share them, and those of D diag(beta) are those of W^T.
+Everything that depends only on k (Ko^T, Kd) is formed once per CTA; a value head costs the
+substitution, the four GEMMs and the output epilogue. Shared memory (34 KB) holds three 64 x 64 fp16
+operands: ``ko`` holds Kn Kn^T (only its blocks above the diagonal, Ko^T, reach unmasked results of the
+first GEMM); ``x1`` holds D diag(beta), then M; ``x2`` holds D^T, then W. The diagonal blocks need no
+copies: V1^T and D^T share them, and those of D diag(beta) are those of W^T. Separate, zeroed-once
+buffers for D diag(beta) and D^T (no per-head zeroing) measured slower: the extra live registers spill
+at the 128 that four CTAs per SM allow, and three CTAs per SM are slower still.
 """
 
 import tilelang.language as T
 
 CHUNK = 64
 ACC = "float32"
+MERGE = "float16"                       # operands of the block merge's GEMMs (see the module note)
 COEFS = 8                               # row factors per token and value head (see coef above)
 LOG2E = 1.4426950408889634
 
@@ -75,10 +81,9 @@ def chunk_matrices_kernel(K: int, dtype: str):
             heads = T.alloc_local((2,), "int32")    # first value head of the group, the group's last
             heads[0] = hk * group
             heads[1] = heads[0] + group - 1
-            T.annotate_min_blocks_per_sm(4)         # 54 KB of shared memory: 4 CTAs per SM, <= 128 registers
+            T.annotate_min_blocks_per_sm(4)         # 34 KB of shared memory; 4 CTAs per SM at <= 128 registers
 
             k_s = T.alloc_shared((C, K), dtype)
-            q_s = T.alloc_shared((C, K), dtype)
             loaded = T.alloc_barrier(arrive_count=128)
             gam = T.alloc_shared((C,), ACC)
             bet = T.alloc_shared((C,), ACC)
@@ -86,20 +91,16 @@ def chunk_matrices_kernel(K: int, dtype: str):
             sq = T.alloc_shared((C,), ACC)          # scale * rq
             k2 = T.alloc_shared((C,), ACC)          # |k|^2 after the l2-norm (for the CP statistics)
             kd = T.alloc_shared((C, B), ACC)        # Kd, the four blocks stacked (rows read by the substitution)
-            # tf32 GEMM operands; written through fp32 views (no conversion: the tensor cores read the
-            # top 19 bits)
-            ko_s = T.alloc_shared((C, C), T.tfloat32)   # Kn Kn^T (symmetric: Ko^T above the block diagonal)
-            # the per-head operands take k_s / q_s's storage (same size), free after the head-independent part
-            x1_s = T.view(k_s, (C, C), T.tfloat32)      # D diag(beta), then M, then the outputs
-            x2_s = T.view(q_s, (C, C), T.tfloat32)      # D^T, then V1^T, then W
-            ko_f = T.view(ko_s, dtype=ACC)
-            x1_f = T.view(x1_s, dtype=ACC)
-            x2_f = T.view(x2_s, dtype=ACC)
-            out_s = T.view(x1_s, (2 * C, C), dtype)  # Ag staged in its first C rows, for coalesced stores
+            ko_s = T.alloc_shared((C, C), MERGE)    # Kn Kn^T (symmetric: Ko^T above the block diagonal)
+            x1_s = T.alloc_shared((C, C), MERGE)    # D diag(beta), then M
+            x2_s = T.alloc_shared((C, C), MERGE)    # D^T, then W
+            out_s = T.view(x1_s, dtype=dtype)       # Ag staged over M once the last GEMM has read it
 
-            qq = T.alloc_fragment((C, C), ACC)      # setup only (l2-norm): no 64 x 64 fragment lives across heads
+            qsq = T.alloc_fragment((C, K), ACC)     # setup only (q's l2-norm): no big fragment lives across heads
+            qn = T.alloc_fragment((C,), ACC)
             kk = T.alloc_fragment((C, C), ACC)
             acc = T.alloc_fragment((C, C), ACC)     # all wgmma accumulators: one layout, mixed freely
+            v1 = T.alloc_fragment((C, C), MERGE)    # V1^T, the third GEMM's A operand, from registers
             col = T.alloc_local((B,), ACC)
             factors = T.alloc_local((COEFS,), ACC)
             broken = T.alloc_fragment((C, 2), ACC)  # per row: (g_C on the last valid row, norm condition broken)
@@ -109,32 +110,33 @@ def chunk_matrices_kernel(K: int, dtype: str):
             # Rows past the chunk's end belong to the next sequence (or lie past T: TMA fills zeros);
             # beta is 0 there and those output rows are not stored.
             T.tma_copy(k[t0:t0 + C, hk, 0:K], k_s, barrier=loaded)
-            if l2norm != 0:
-                T.tma_copy(q[t0:t0 + C, hk, 0:K], q_s, barrier=loaded)
             T.barrier_arrive(loaded)
+            # q's norms straight from global memory (q has no other use here), under k's load; rows past
+            # the chunk repeat its last row (in bounds; their factors are never stored)
+            if l2norm != 0:
+                for i, j in T.Parallel(C, K):
+                    qsq[i, j] = T.Cast(ACC, q[t0 + T.min(i, n - 1), hk, j]) * T.Cast(ACC, q[t0 + T.min(i, n - 1), hk, j])
+                T.reduce_sum(qsq, qn, dim=1)
+                for i in T.Parallel(C):
+                    sq[i] = T.rsqrt(qn[i] + 1e-6) * scale
+            else:
+                for i in T.Parallel(C):
+                    sq[i] = scale
             T.barrier_wait(loaded, 0)
 
-            # l2-norm factors from the diagonals of K K^T and Q Q^T
+            # k's l2-norm factors from the diagonal of K K^T
             T.gemm(k_s, k_s, kk, transpose_B=True, clear_accum=True)
             for i, j in T.Parallel(C, C):
                 if i == j:
                     rk[i] = T.if_then_else(l2norm != 0, T.rsqrt(kk[i, j] + 1e-6), 1.0)
-            if l2norm != 0:
-                T.gemm(q_s, q_s, qq, transpose_B=True, clear_accum=True)
-                for i, j in T.Parallel(C, C):
-                    if i == j:
-                        sq[i] = T.rsqrt(qq[i, j] + 1e-6) * scale
-            else:
-                for i in T.Parallel(C):
-                    sq[i] = scale
-            # the head-independent parts; q_s / k_s are free from here on (x1 / x2)
+            # the head-independent parts
             for i, j in T.Parallel(C, C):
                 kk[i, j] = kk[i, j] * rk[i] * rk[j]
             for i, j in T.Parallel(C, C):
                 if i == j:
                     k2[i] = kk[i, j]
             for i, j in T.Parallel(C, C):
-                ko_f[i, j] = kk[i, j]
+                ko_s[i, j] = kk[i, j]
                 if i // B == j // B:
                     kd[i, j % B] = T.if_then_else(i != j, kk[i, j], 0.0)
 
@@ -156,8 +158,8 @@ def chunk_matrices_kernel(K: int, dtype: str):
                 T.cumsum(gam, dim=0)
                 for i, j in T.Parallel(C, C):
                     if i // B != j // B:
-                        x1_f[i, j] = 0.0
-                        x2_f[i, j] = 0.0
+                        x1_s[i, j] = 0.0
+                        x2_s[i, j] = 0.0
 
                 # D by substitution, unrolled at trace time, the vector in registers; each thread writes a
                 # column of its matrix (consecutive threads, consecutive addresses) and reads Kd by rows.
@@ -170,12 +172,12 @@ def chunk_matrices_kernel(K: int, dtype: str):
                         col[i] = T.if_then_else(e == i, 1.0, 0.0) - bet[bk * B + i] * sum(
                             [kd[bk * B + i, j] * col[j] for j in range(i)], T.float32(0))
                     for i in list(range(B)):
-                        x1_f[bk * B + i, bk * B + e] = col[i] * bet[bk * B + e]
+                        x1_s[bk * B + i, bk * B + e] = col[i] * bet[bk * B + e]
                 else:
                     for j in list(reversed(range(B))):
                         col[j] = T.if_then_else(e == j, 1.0, 0.0) - sum(
                             [col[i] * kd[bk * B + j, i] for i in range(j + 1, B)], T.float32(0))
-                        x2_f[bk * B + j, bk * B + e] = col[j]
+                        x2_s[bk * B + j, bk * B + e] = col[j]
                         col[j] = col[j] * bet[bk * B + j]
 
                 # Epilogues update the accumulator first and store it in a second loop: a loop that reads
@@ -183,21 +185,21 @@ def chunk_matrices_kernel(K: int, dtype: str):
                 # not if_then_else: a branch per element costs more than the load.
                 T.gemm(x1_s, ko_s, acc, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
-                    x1_f[i, j] = T.Select(i // B > j // B, acc[i, j], 0.0)         # M
+                    x1_s[i, j] = T.Select(i // B > j // B, acc[i, j], 0.0)         # M
                 T.gemm(x2_s, x1_s, acc, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
-                    acc[i, j] = T.Select(i // B == j // B, x2_f[i, j], 0.0) - acc[i, j]
-                T.copy(acc, x2_f)                                                   # V1^T
-                T.gemm(x2_s, x1_s, acc, transpose_B=True, clear_accum=True)
+                    acc[i, j] = T.Select(i // B == j // B, T.Cast(ACC, x2_s[i, j]), 0.0) - acc[i, j]
+                T.copy(acc, v1)                                                     # V1^T
+                T.gemm(v1, x1_s, acc, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
-                    acc[i, j] = (T.Select(i // B == j // B, x2_f[i, j], 0.0) - acc[i, j]) * bet[i]
-                T.copy(acc, x2_f)                                                   # W
+                    acc[i, j] = (T.Select(i // B == j // B, T.Cast(ACC, x2_s[i, j]), 0.0) - acc[i, j]) * bet[i]
+                T.copy(acc, x2_s)                                                   # W
                 T.gemm(x1_s, x2_s, acc, transpose_B=True, clear_accum=True)
 
                 # A0 diag(beta): D diag(beta) (= W^T) on the diagonal blocks, -M W^T below; both are
                 # exactly 0 above the diagonal, so Gamma needs no mask, only a finite exponent.
                 for i, j in T.Parallel(C, C):
-                    acc[i, j] = (T.Select(i // B == j // B, x2_f[j, i], 0.0) - acc[i, j]) * T.exp(
+                    acc[i, j] = (T.Select(i // B == j // B, T.Cast(ACC, x2_s[j, i]), 0.0) - acc[i, j]) * T.exp(
                         (gam[i] - gam[j]) * T.Cast(ACC, i >= j))
                 for i, j in T.Parallel(C, C):
                     out_s[i, j] = acc[i, j]

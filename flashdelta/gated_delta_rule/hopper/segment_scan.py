@@ -4,7 +4,8 @@ where ``keep`` is 0 (truncated segments, whose M was not computed).
 One CTA per (sequence, value head, V tile) walks that sequence's segments in order (``order``, padded
 with a "none" segment after its last; states past the last segment are not used). M_j S_j runs on
 the tensor cores in TF32 (wgmma needs B K-major, so S is staged transposed); the state, R and the sum
-stay in fp32. Loads are plain 16-byte vector loads (no TMA): the scan is a few steps per sequence.
+stay in fp32. The scan is a chain of dependent steps, so everything off the chain is loaded a step
+ahead: M by TMA into two buffers, R into registers before the GEMM, segment numbers one step early.
 Segment counts and all sizes are dynamic.
 """
 import tilelang.language as T
@@ -27,25 +28,45 @@ def segment_scan_kernel(K: int, BV: int, threads: int = 128):
         starts: T.Tensor((rows, v_heads, K, K), ACC),
     ):
         with T.Kernel(K // BV, v_heads, num_seqs, threads=threads) as (bv, h, n):
-            m_s = T.alloc_shared((K, K), T.tfloat32)
+            m_s = T.alloc_shared((2, K, K), T.tfloat32)
             st_s = T.alloc_shared((BV, K), T.tfloat32)
+            m_full = T.alloc_barrier([threads, threads])
             S = T.alloc_fragment((K, BV), ACC)
             MS = T.alloc_fragment((K, BV), ACC)
+            Rf = T.alloc_fragment((K, BV), ACC)
+            segs = T.alloc_local((2,), "int32")        # this step's segment, the next one's
+            keeps = T.alloc_local((1,), ACC)           # this step's keep
             v0 = bv * BV
             T.copy(h0[n, h, :, v0:v0 + BV], S)
+            # M is prefetched a step ahead (TMA, two buffers), loaded even where keep is 0 (unused
+            # there) so every buffer's barrier phase stays j // 2; segment numbers and keep are read a
+            # step ahead too, so no step waits on a chain of small dependent loads
+            segs[0] = order[n, 0]
+            segs[1] = order[n, T.min(1, max_segments - 1)]
+            keeps[0] = keep[segs[0], h]
+            T.tma_copy(M[segs[0], h, :, :], m_s[0, :, :], barrier=m_full[0])
+            T.barrier_arrive(m_full[0])
             # a plain loop: TileLang's automatic warp specialisation of a pipelined loop would give the
-            # TMA producer its own copy of S (it stages S into shared memory), which never sees updates
+            # producer its own copy of S (it stages S into shared memory), which never sees updates
             for j in T.serial(max_segments):
-                seg = order[n, j]
+                st = j % 2
+                seg = segs[0]
+                if j + 1 < max_segments:
+                    T.tma_copy(M[segs[1], h, :, :], m_s[1 - st, :, :], barrier=m_full[1 - st])
+                    T.barrier_arrive(m_full[1 - st])
+                T.copy(R[seg, h, :, v0:v0 + BV], Rf)     # in flight under the GEMM
                 T.copy(S, starts[seg, h, :, v0:v0 + BV])
-                if keep[seg, h] != 0:
+                T.barrier_wait(m_full[st], (j // 2) % 2)
+                if keeps[0] != 0:
                     for i, c in T.Parallel(K, BV):
                         st_s[c, i] = S[i, c]
-                    T.copy(M[seg, h, :, :], m_s)
-                    T.gemm(m_s, st_s, MS, transpose_B=True, clear_accum=True)
+                    T.gemm(m_s[st, :, :], st_s, MS, transpose_B=True, clear_accum=True)
                     for i, c in T.Parallel(K, BV):
-                        S[i, c] = MS[i, c] + R[seg, h, i, v0 + c]
-                else:                                  # truncated: M is neither computed nor read
-                    T.copy(R[seg, h, :, v0:v0 + BV], S)
+                        S[i, c] = MS[i, c] + Rf[i, c]
+                else:                                  # truncated: M was not computed
+                    T.copy(Rf, S)
+                segs[0] = segs[1]
+                keeps[0] = keep[segs[1], h]
+                segs[1] = order[n, T.min(j + 2, max_segments - 1)]
 
     return segment_scan

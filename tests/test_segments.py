@@ -28,9 +28,11 @@ def test_segment_table(lens, batched):
     plan = plan_forward(lens, 4, 128, 132, context_parallel=3)
     table = SegmentTable.build(plan, lens, lens[0] if batched else None, CPU)
     S = len(plan.segments)
-    assert table.spans.shape == (S + 1, 2) and table.spans[-1].tolist() == [0, 0]
+    assert table.spans.shape == (S + 1, 3) and table.spans[-1].tolist() == [0, 0, -1]
     assert table.segments.shape == (S + 1, 5) and table.segments[-1].tolist() == [0] * 5
-    assert torch.equal(table.segments[:, :2], table.spans)
+    assert torch.equal(table.segments[:, :2], table.spans[:, :2])
+    empty = [n for n, length in enumerate(lens) if length == 0]
+    assert (table.empty is None) == (not empty) and (not empty or table.empty.tolist() == empty)
     first = [n * lens[0] for n in range(len(lens))] if batched else [sum(lens[:n]) for n in range(len(lens))]
     chunks = chunk_table(lens, lens[0] if batched else None).tolist()
     for n, length in enumerate(lens):
@@ -40,8 +42,8 @@ def test_segment_table(lens, batched):
             assert int(table.spans[mine[0], 0]) == first[n]
             assert all(int(table.spans[a, 0] + table.spans[a, 1]) == int(table.spans[b, 0])
                        for a, b in zip(mine, mine[1:]))
-        assert int(table.final_rows[n]) == (mine[-1] if mine else S + 1 + n)
         for i in mine:
+            assert int(table.spans[i, 2]) == (n if i == mine[-1] else -1)
             start, tokens, c0, count, used = table.segments[i].tolist()
             assert used == int(i != mine[-1]) and count == -(-tokens // 64)
             assert chunks[c0][0] == start and sum(rows for _, rows in chunks[c0:c0 + count]) == tokens
@@ -95,7 +97,7 @@ def test_warmup_spans_follow_the_specification(l2):
     gf = g.reshape(-1, HV)
     bk = beta.reshape(-1, HV) * kk.reshape(-1, H, 16).square().sum(-1).repeat_interleave(HV // H, dim=1)
     for j in range(S):
-        first, length = table.spans[j].tolist()
+        first, length, _ = table.spans[j].tolist()
         for h in range(HV):
             r0, rn, m0, mn = spans[j, h].tolist()
             if not used[j]:

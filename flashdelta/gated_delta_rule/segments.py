@@ -30,11 +30,11 @@ class SegmentTable:
     """Device-side bookkeeping of a plan's segments (built once per plan and device). S segments."""
 
     order: torch.Tensor           # [N, J] int32 segment index of the j-th segment of sequence n; S = "none"
-    spans: torch.Tensor           # [S + 1, 2] int32 (first token, length); the last row is the empty "none"
+    spans: torch.Tensor           # [S + 1, 3] int32 (first token, length, final-state row): the row is the
+                                  # sequence's on its last segment, -1 elsewhere; the last row is "none"
     segments: torch.Tensor        # [S + 1, 5] int32 first token, length, first chunk, chunks, used (0 for
                                   # a sequence's last segment, whose R and M the scan never reads, and "none")
-    final_rows: torch.Tensor      # [N] where each final state is in [segment finals (S + 1); h0 (N)]:
-                                  # the last segment's, or h0 for a sequence with no tokens
+    empty: torch.Tensor | None    # [E] int64 sequences with no tokens (their final state is h0), or None
 
     @staticmethod
     @lru_cache(maxsize=64)
@@ -50,10 +50,12 @@ class SegmentTable:
         last = [p[-1] if p else S for p in per_seq]
         rows = [[offsets[n] + s, t, chunk_offsets[n] + s // CHUNK, -(-t // CHUNK), int(i != last[n])]
                 for i, (n, s, t) in enumerate(plan.segments)] + [[0, 0, 0, 0, 0]]
-        final_rows = [i if i < S else S + 1 + n for n, i in enumerate(last)]
-        segments = host_table(rows, torch.int32, device)
+        final_row = {i: n for n, i in enumerate(last) if i < S}
+        spans = [[r[0], r[1], final_row.get(i, -1)] for i, r in enumerate(rows)]
+        empty = [n for n, i in enumerate(last) if i == S]
         return SegmentTable(host_table(order, torch.int32, device).reshape(len(seq_lens), J),
-                            segments[:, :2].contiguous(), segments, host_table(final_rows, torch.int64, device))
+                            host_table(spans, torch.int32, device).reshape(-1, 3), host_table(rows, torch.int32, device),
+                            host_table(empty, torch.int64, device) if empty else None)
 
 
 def chunk_stats(g, beta, k, chunks, group: int, use_qk_l2norm: bool):

@@ -19,7 +19,8 @@ and come back as zeros). Rows past the end are neutralised by zeroing their row 
 rows never reach a valid output (Ag and P are lower triangular) or the state (c2 = 0), and their
 outputs are not stored. The zeroing is a product with the row mask, not a select: a select's load
 became a branch per element, three times slower (the factors are finite either way). Lengths are
-dynamic: sequences come from a table of (first token, length).
+dynamic: sequences come from a table of (first token, length, row of ht for the final state, -1 for
+none).
 
 Context parallelism's warm-up (``warmup=True``) runs the state part only: no q, P or output. Its grid
 is doubled along V: the first half computes R (the state reached from zero over a token span), the
@@ -60,7 +61,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     num_seqs = T.dynamic("num_seqs")
     h0_seqs = T.dynamic("h0_seqs")          # num_seqs, or 1 for the unused placeholder
     ht_seqs = T.dynamic("ht_seqs")
-    table = (num_seqs, v_heads, 4) if warmup else (num_seqs, 2)
+    table = (num_seqs, v_heads, 4) if warmup else (num_seqs, 3)
     halves = 2 if warmup else 1             # warm-up: R CTAs, then M CTAs
     ROWS = T.GemmWarpPolicy.FullRow         # the consumers' GEMMs: each warpgroup owns 64 of the BV rows
     readers = threads if warmup else threads + AUX_THREADS          # threads that read each stage
@@ -77,7 +78,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
         v: T.Tensor((num_tokens, v_heads, V), dtype),
         ag: T.Tensor((num_tokens, v_heads, C), dtype),
         coef: T.Tensor((v_heads, num_tokens, COEFS), ACC),
-        seqs: T.Tensor(table, "int32"),        # (first token, length) per sequence; warm-up: spans
+        seqs: T.Tensor(table, "int32"),        # (first token, length, ht row or -1) per sequence; warm-up: spans
         h0: T.Tensor((h0_seqs, v_heads, K * V), ACC),
         o: T.Tensor((num_tokens, v_heads, V), dtype),
         ht: T.Tensor((ht_seqs, v_heads, K * V), ACC),
@@ -95,9 +96,11 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             if warmup:
                 start = seqs[n, h, 2 * is_m]
                 length = seqs[n, h, 2 * is_m + 1]
+                ht_row = n + is_m * num_seqs
             else:
                 start = seqs[n, 0]
                 length = seqs[n, 1]
+                ht_row = seqs[n, 2]
 
             # two stages of the streamed tiles, then single buffers: the auxiliary warpgroup's (p, vn, o)
             # and the consumers' (s, w, vc)
@@ -228,10 +231,11 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                     T.copy(S, sa)
 
                 if store_ht != 0:
-                    for i, j in T.Parallel(BV, K):
-                        if v_first != 0:
-                            ht[n + is_m * num_seqs, h, (v0 + i) * K + j] = S[i, j]
-                        else:
-                            ht[n + is_m * num_seqs, h, j * V + v0 + i] = S[i, j]
+                    if ht_row >= 0:
+                        for i, j in T.Parallel(BV, K):
+                            if v_first != 0:
+                                ht[ht_row, h, (v0 + i) * K + j] = S[i, j]
+                            else:
+                                ht[ht_row, h, j * V + v0 + i] = S[i, j]
 
     return chunk_recurrence

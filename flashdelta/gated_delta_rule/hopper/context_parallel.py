@@ -21,7 +21,7 @@ from .forward import CHUNK, DTYPES, _compile, _tables, prepare, ready, recur, wa
 from .segment_scan import segment_scan_kernel
 from .segment_windows import segment_windows_kernel
 
-SCAN_V_TILE = 64
+SCAN_V_TILE = 32
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,12 +71,13 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
         starts = torch.empty(S + 1, HV, K, V, dtype=torch.float32, device=dev)
         scan_kernel(K)(ends[S + 1:].view(S + 1, HV, K, K), ends[:S + 1].view(S + 1, HV, K, V), keep, h0,
                        table.order, starts)
-        seg_final = torch.empty(S + 1, HV, K * V, dtype=torch.float32, device=dev) if output_final_state else None
-        recur(qf, kf, vf, ag, coef, table.spans, starts.view(S + 1, HV, K * V), of, seg_final, False,
-              plan.v_tile)
+        # each sequence's final state is its last segment's, written in place by the output pass
+        final = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev) if output_final_state else None
+        recur(qf, kf, vf, ag, coef, table.spans, starts.view(S + 1, HV, K * V), of,
+              None if final is None else final.view(N, HV, K * V), False, plan.v_tile)
 
-    if not output_final_state:
+    if final is None:
         return o, None
-    # each sequence's final state is its last segment's; a sequence with no tokens keeps its h0
-    final = torch.cat([seg_final, h0.view(N, HV, K * V)])[table.final_rows].view(N, HV, K, V)
+    if table.empty is not None:                  # sequences with no tokens keep their h0
+        final[table.empty] = h0[table.empty]
     return o, (final.transpose(-1, -2).contiguous() if state_v_first else final)

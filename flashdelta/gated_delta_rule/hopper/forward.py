@@ -86,14 +86,15 @@ def recurrence_kernel(dtype: str, bv: int, warmup: bool = False):
 
 @functools.lru_cache(maxsize=256)
 def _tables(seq_lens: tuple[int, ...], stride: int | None, device: torch.device):
-    """Device tables: (first token, length) per sequence and (first token, valid rows) per chunk.
+    """Device tables: (first token, length, final-state row) per sequence and (first token, valid rows)
+    per chunk.
 
     ``stride``: batched layout (sequence n starts at n * stride); None = packed back to back.
     """
     starts = sequence_starts(seq_lens, stride)
-    seqs = [x for s, L in zip(starts, seq_lens) for x in (s, L)]
+    seqs = [x for n, (s, L) in enumerate(zip(starts, seq_lens)) for x in (s, L, n)]
     chunks = [x for s, L in zip(starts, seq_lens) for c in range(0, L, CHUNK) for x in (s + c, min(CHUNK, L - c))]
-    return (host_table(seqs, torch.int32, device).reshape(-1, 2),
+    return (host_table(seqs, torch.int32, device).reshape(-1, 3),
             host_table(chunks, torch.int32, device).reshape(-1, 2))
 
 
@@ -141,7 +142,8 @@ def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool):
 
 
 def recur(q, k, v, ag, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
-    """Kernel 2 on flat inputs: writes o [tokens, HV, V] and, if given, ht [N, HV, K * V]."""
+    """Kernel 2 on flat inputs: writes o [tokens, HV, V] and, if given, the final states into the rows of
+    ht [rows, HV, K * V] that ``seqs``' third column names (-1: not stored)."""
     HV, K, V = v.shape[1], q.shape[2], v.shape[2]
     placeholder = None
     if h0 is None or ht is None:
@@ -151,7 +153,7 @@ def recur(q, k, v, ag, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
     for s in range(0, seqs.shape[0], MAX_GRID_Z):        # the grid's z extent is at most 65535
         e = s + MAX_GRID_Z
         kernel(q, k, v, ag, coef, seqs[s:e], h0[s:e] if h0 is not None else placeholder, o,
-               ht[s:e] if ht is not None else placeholder, *flags)
+               ht if ht is not None else placeholder, *flags)
 
 
 def warmup(q, k, v, ag, coef, spans, ends, v_tile: int):

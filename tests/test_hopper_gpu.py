@@ -26,7 +26,7 @@ def _poison(*shapes_dtypes):
 
 
 def _run(lens, H, HV, *, varlen, h0=True, v_first=False, l2=False, zero_heads=0, strong=False,
-         dtype=torch.bfloat16, v_tile=128, seed=0, reference="naive"):
+         dtype=torch.bfloat16, v_tile=128, seed=0, reference="naive", key_scale=1.0):
     hop = _hopper()
     gen = torch.Generator().manual_seed(seed)
     B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
@@ -36,6 +36,7 @@ def _run(lens, H, HV, *, varlen, h0=True, v_first=False, l2=False, zero_heads=0,
         q = torch.nn.functional.normalize(q, dim=-1)
     else:                       # in-kernel normalisation: feed unnormalised keys
         k = k * (1 + 3 * torch.rand(k.shape[:-1], generator=gen, dtype=torch.float64))[..., None]
+    k, beta = k * key_scale, beta / key_scale ** 2            # beta |k|^2 unchanged
     cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32) if varlen else None
     if s0 is not None and v_first:
         s0 = s0.transpose(-1, -2).contiguous()
@@ -75,6 +76,11 @@ def test_batched_gva(H, HV, h0):
 @pytest.mark.parametrize("v_tile", [128, 64])
 def test_varlen_tails_and_empty_segments(v_first, v_tile):
     _run([0, 100, 64, 1, 0, 217, 129], 2, 4, varlen=True, v_first=v_first, v_tile=v_tile, seed=1)
+
+
+def test_large_keys_without_l2norm():
+    """Prep's merge GEMMs take fp16 operands: keys of norm 100 (|k|^2 = 1e4, inside fp16's range)."""
+    _run([300, 300], 2, 4, varlen=False, key_scale=100.0, seed=5)
 
 
 def test_l2norm_in_kernel():

@@ -40,7 +40,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         initial_state: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first``), any float dtype;
             N = B, or the number of sequences with ``cu_seqlens``.
         output_final_state: also return the state after the last token.
-        use_qk_l2norm_in_kernel: normalise q and k (``x / sqrt(sum x^2 + 1e-6)``) first.
+        use_qk_l2norm_in_kernel: normalise q and k (``x / sqrt(sum x^2 + 1e-6)``) first. Without it,
+            the kernels need keys with ``|k|^2 < 65504`` (the per-chunk inverse runs on fp16 operands;
+            the delta rule itself needs ``beta |k|^2 <= 2``).
         cu_seqlens: ``[N + 1]`` int32/int64 offsets of independent sequences packed in T (B must be 1);
             segments may be empty. Its values must be known on the host: pass ``cu_seqlens_cpu`` to
             avoid any synchronisation; otherwise the offsets are copied to the host once per

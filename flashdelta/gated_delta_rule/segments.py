@@ -54,7 +54,8 @@ class SegmentTable:
         spans = [[r[0], r[1], final_row.get(i, -1)] for i, r in enumerate(rows)]
         empty = [n for n, i in enumerate(last) if i == S]
         return SegmentTable(host_table(order, torch.int32, device).reshape(len(seq_lens), J),
-                            host_table(spans, torch.int32, device).reshape(-1, 3), host_table(rows, torch.int32, device),
+                            host_table(spans, torch.int32, device).reshape(-1, 3),
+                            host_table(rows, torch.int32, device),
                             host_table(empty, torch.int64, device) if empty else None)
 
 

@@ -304,6 +304,18 @@ def test_cuda_timers_with_fake_device(monkeypatch):
     assert len(restored) == 1                                        # the caller's stream is put back
 
 
+def test_rerun_selects_the_close_rows(tmp_path):
+    rec = _record()                  # FlashQLA / ours: 1.5 on 1x32768 h2/8; no FlashQLA time on the other row
+    rec["results"][0]["config"] = {"lengths": [32768], "varlen": False, "hk": 2, "hv": 8, "k_dim": 128,
+                                   "v_dim": 128, "dtype": "bf16", "mode": "fwd"}
+    report.write_json(rec, tmp_path / "old.json")
+    got = cli.build_configs(cli.parse_args(["--rerun", str(tmp_path / "old.json"), "--below", "1.6"]))
+    assert [c.label for c in got] == ["1x32768 h2/8"]
+    for extra in (["--below", "1.03"], ["--preset", "quick"]):     # nothing left; shapes from two places
+        with pytest.raises(ValueError):
+            cli.build_configs(cli.parse_args(["--rerun", str(tmp_path / "old.json"), *extra]))
+
+
 def test_merge_split_runs(tmp_path):
     a, b = _record(), _record()
     b["results"] = b["results"][:1]

@@ -7,6 +7,7 @@ Examples::
     flashdelta-bench --preset qwen35-bwd --cold-cache
     flashdelta-bench --lengths 28672,4096 --batch 4 --seqlen 8192 --heads 16/32 --mode fwdbwd
     flashdelta-bench --merge bench-out/H100-fwd-a.json bench-out/H100-fwd-b.json --name H100-fwd
+    flashdelta-bench --rerun benchmarks/results/H100-fwd.json --below 1.03 --name H100-fwd-rerun
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--dtype", choices=configs.DTYPES, default="bf16", help="q, k, v dtype")
     what.add_argument("--mode", choices=configs.MODES, help="fwd (default) or fwdbwd (forward + backward)")
     what.add_argument("--max-tokens", type=int, help="drop configurations with more tokens")
+    what.add_argument("--rerun", metavar="JSON", help="the configurations of an earlier run's JSON where FlashQLA "
+                                                      "/ flashdelta is below --below (confirming close rows)")
+    what.add_argument("--below", type=float, default=1.03, help="with --rerun: the ratio bound (default 1.03)")
 
     who = p.add_argument_group("implementations")
     who.add_argument("--peers", default="fla,flashqla", help="comma list of fla, flashqla; 'none' for none")
@@ -81,7 +85,12 @@ def build_configs(args) -> list[configs.Config]:
         raise ValueError("--hk and --hv go together")
     if args.hk is not None:
         heads = (heads or []) + [(args.hk, args.hv)]
-    if args.preset:
+    if args.rerun:
+        if args.preset or args.lengths or args.seqlen or args.batch:
+            raise ValueError("--rerun takes its configurations from the JSON: no --preset or custom shapes")
+        record = json.loads(Path(args.rerun).read_text())
+        chosen = configs.restrict(configs.from_results(record, "FlashQLA", args.below), heads, args.max_tokens)
+    elif args.preset:
         if args.lengths or args.seqlen or args.batch:
             raise ValueError("--preset and custom shapes (--lengths/--batch/--seqlen) exclude each other")
         if args.mode and args.preset != "quick":

@@ -127,6 +127,22 @@ def custom(lengths: list[str], batch: int | None, seqlen: int | None, heads: lis
     return [Config(lens, varlen, hk, hv, k_dim, v_dim, dtype, mode) for hk, hv in heads for lens, varlen in shapes]
 
 
+def from_results(record: dict, peer: str, below: float) -> list[Config]:
+    """The configurations of an earlier run (its JSON record) where ``peer``'s time over flashdelta's
+    (CUDA graph where both have it, else eager) is below ``below``: the rows to confirm by a rerun."""
+    chosen = []
+    for res in record["results"]:
+        times = []
+        for name in (peer, "flashdelta"):
+            impl = res["impls"].get(name, {})
+            times.append(next((impl[kind]["median_ms"] for kind in ("graph", "eager") if impl.get(kind)), None))
+        if None not in times and times[0] / times[1] < below:
+            c = res["config"]
+            chosen.append(Config(tuple(c["lengths"]), c["varlen"], c["hk"], c["hv"], c["k_dim"], c["v_dim"],
+                                 c["dtype"], c["mode"]))
+    return chosen
+
+
 def restrict(configs: list[Config], heads: list[tuple[int, int]] | None = None,
              max_tokens: int | None = None) -> list[Config]:
     """Keep the preset configurations with the given head pairs and at most ``max_tokens`` tokens."""

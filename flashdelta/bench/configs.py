@@ -1,7 +1,7 @@
 """Benchmark configurations: the presets of DESIGN section 5 and parsing of command-line ones."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 MODES = ("fwd", "fwdbwd")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -137,9 +137,9 @@ def from_results(record: dict, peer: str, below: float) -> list[Config]:
             impl = res["impls"].get(name, {})
             times.append(next((impl[kind]["median_ms"] for kind in ("graph", "eager") if impl.get(kind)), None))
         if None not in times and times[0] / times[1] < below:
-            c = res["config"]
-            chosen.append(Config(tuple(c["lengths"]), c["varlen"], c["hk"], c["hv"], c["k_dim"], c["v_dim"],
-                                 c["dtype"], c["mode"]))
+            saved = res["config"]                  # the runner's dataclasses.asdict(config), plus tokens
+            kwargs = {f.name: saved[f.name] for f in fields(Config)}
+            chosen.append(Config(**kwargs | {"lengths": tuple(kwargs["lengths"])}))
     return chosen
 
 

@@ -1,7 +1,8 @@
 """Sequential forward kernel: walks the chunks of one sequence, state in registers.
 
-One CTA per (sequence, value head, V tile of width BV). The state S (K x BV) stays in fp32 registers of
-the consumer warpgroups, with a q/k-dtype copy in shared memory as the GEMM operand. Per chunk, with
+One CTA per (sequence, value head, V tile of width BV). The state stays in fp32 registers of the
+consumer warpgroups (transposed, see below), with a q/k-dtype copy in registers as a GEMM operand and
+one in shared memory for the output's Q S. Per chunk, with
 Ag and the row factors c0..c6 from ``chunk_matrices`` (DESIGN section 2):
 
     W  = V - c0 * (K S)          V' = Ag W
@@ -102,8 +103,8 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 length = seqs[n, 1]
                 ht_row = seqs[n, 2]
 
-            # two stages of the streamed tiles, then single buffers: the auxiliary warpgroup's (p, vn, o)
-            # and the consumers' (s, w, vc)
+            # two stages of the streamed tiles, then single buffers of the output: P, and the hand-overs
+            # from the consumers (V'^T, S^T)
             if not warmup:
                 q_s = T.alloc_shared((2, C, K), dtype)
                 p_s = T.alloc_shared((C, C), dtype)

@@ -187,12 +187,13 @@ def chunk_matrices_kernel(K: int, dtype: str):
                 for i, j in T.Parallel(C, C):
                     x1_s[i, j] = T.Select(i // B > j // B, acc[i, j], 0.0)         # M
                 T.gemm(x2_s, x1_s, acc, transpose_B=True, clear_accum=True)
+                # x2 holds D^T here, zero outside the diagonal blocks: no mask
                 for i, j in T.Parallel(C, C):
-                    acc[i, j] = T.Select(i // B == j // B, T.Cast(ACC, x2_s[i, j]), 0.0) - acc[i, j]
+                    acc[i, j] = T.Cast(ACC, x2_s[i, j]) - acc[i, j]
                 T.copy(acc, v1)                                                     # V1^T
                 T.gemm(v1, x1_s, acc, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
-                    acc[i, j] = (T.Select(i // B == j // B, T.Cast(ACC, x2_s[i, j]), 0.0) - acc[i, j]) * bet[i]
+                    acc[i, j] = (T.Cast(ACC, x2_s[i, j]) - acc[i, j]) * bet[i]
                 T.copy(acc, x2_s)                                                   # W
                 T.gemm(x1_s, x2_s, acc, transpose_B=True, clear_accum=True)
 

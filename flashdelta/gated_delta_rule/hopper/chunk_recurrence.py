@@ -33,11 +33,14 @@ written to ``ht[n]``, M to ``ht[num_seqs + n]``.
 Warp specialisation is written out (not TileLang's automatic pipelining) so the GEMMs can run
 asynchronously around the state's dependency chain. An auxiliary warpgroup streams each chunk's tiles
 into two stages (one ``full`` mbarrier per stage, TMA transaction counts; one ``empty`` barrier
-released when every reader is done with the stage) and, one chunk behind its loads, computes the
-output (Q S, P, P V', the stores) while the consumer warpgroups advance the state: K S, W, Ag W and
-K^T V' alone are on their chain. ``s_full`` / ``s_free`` and ``vn_full`` / ``vn_free`` hand s_s and vn_s
-over. One warpgroup does both jobs because a fourth (a producer of its own) would cap registers at
-128 a thread, and the consumers would spill.
+released when every reader is done with the stage) and computes each chunk's output (Q S, P, P V',
+the store) while the consumer warpgroups advance the state: K S, W, Ag W and K^T V' alone are on
+their chain. ``s_full`` / ``s_free`` and ``vn_full`` / ``vn_free`` hand s_s and vn_s over. One
+warpgroup does both jobs because a fourth (a producer of its own) would cap registers at 128 a
+thread, and the consumers would spill. The auxiliary warpgroup's work sets the pace (without the
+output the chunk step is 2.6x shorter), so nothing in it waits that need not: o leaves by TMA store
+(the thread stores it replaced cost a quarter of the step), and chunk d + 2's loads are issued after
+chunk d's store, when the consumers are done with d.
 """
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
@@ -71,6 +74,20 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     launch_regs = min(240, 65536 // (threads + AUX_THREADS) // 8 * 8)
     aux_regs = 24 if warmup else 152
     consumer_regs = min(240, (launch_regs * (threads + AUX_THREADS) - aux_regs * AUX_THREADS) // threads // 8 * 8)
+
+    @T.macro
+    def load_chunk(q, k, v, ag, coef, q_s, k_s, v_s, ag_s, cf_s, full, empty, c, start, hk, h, v0):
+        """Chunk c's tiles into stage c % 2, once every reader is done with chunk c - 2."""
+        st = c % 2
+        t0 = start + c * C
+        T.barrier_wait(empty[st], (c // 2 + 1) % 2)
+        if not warmup:
+            T.tma_copy(q[t0:t0 + C, hk, 0:K], q_s[st, :, :], barrier=full[st])
+        T.tma_copy(k[t0:t0 + C, hk, 0:K], k_s[st, :, :], barrier=full[st])
+        T.tma_copy(v[t0:t0 + C, h, v0:v0 + BV], v_s[st, :, :], barrier=full[st])
+        T.tma_copy(ag[t0:t0 + C, h, 0:C], ag_s[st, :, :], barrier=full[st])
+        T.tma_copy(coef[h, t0:t0 + C, 0:COEFS], cf_s[st, :, :], barrier=full[st])
+        T.barrier_arrive(full[st])
 
     @T.prim_func
     def chunk_recurrence(
@@ -112,6 +129,8 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 o_s = T.alloc_shared((C, BV), dtype)
                 s_s = T.alloc_shared((BV, K), dtype)           # S^T entering the chunk, for Q S
             k_s = T.alloc_shared((2, C, K), dtype)
+            if warmup:
+                q_s = k_s                                      # not loaded: the state-only walk reads no q
             v_s = T.alloc_shared((2, C, BV), dtype)
             ag_s = T.alloc_shared((2, C, C), dtype)
             cf_s = T.alloc_shared((2, C, COEFS), ACC)
@@ -142,48 +161,56 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
 
             tx = T.get_thread_binding()
             if tx >= threads:
-                # The auxiliary warpgroup. Iteration c loads chunk c once every reader is done with chunk
-                # c - 2 (the stage's previous contents), then computes chunk c - 1's output while the
-                # consumers advance the state: O = c1 (Q S) + P V', P = Lower(c5 (Q K^T) c6^T 2^(c4 - c4^T)).
-                # P's epilogue is straight-line (a mask product, the exponent clamped to stay finite above
-                # the diagonal) and staged by one fragment copy (stmatrix).
+                # The auxiliary warpgroup: loads chunks 0 and 1, then per chunk d computes the output while
+                # the consumers advance the state, O = c1 (Q S) + P V', P = Lower(c5 (Q K^T) c6^T 2^(c4 - c4^T)),
+                # stores it and loads chunk d + 2 into d's stage. P's epilogue is straight-line (a mask
+                # product, the exponent clamped to stay finite above the diagonal) and staged by one
+                # fragment copy (stmatrix).
                 T.set_max_nreg(aux_regs, 0)
-                for c in T.serial(T.ceildiv(length, C) + 1):
-                    if c * C < length:
-                        st = c % 2
-                        t0 = start + c * C
-                        T.barrier_wait(empty[st], (c // 2 + 1) % 2)
-                        if not warmup:
-                            T.tma_copy(q[t0:t0 + C, hk, 0:K], q_s[st, :, :], barrier=full[st])
-                        T.tma_copy(k[t0:t0 + C, hk, 0:K], k_s[st, :, :], barrier=full[st])
-                        T.tma_copy(v[t0:t0 + C, h, v0:v0 + BV], v_s[st, :, :], barrier=full[st])
-                        T.tma_copy(ag[t0:t0 + C, h, 0:C], ag_s[st, :, :], barrier=full[st])
-                        T.tma_copy(coef[h, t0:t0 + C, 0:COEFS], cf_s[st, :, :], barrier=full[st])
-                        T.barrier_arrive(full[st])
-                    if not warmup:
-                        if c > 0:
-                            d = c - 1
-                            ps = d % 2
-                            rows = length - d * C
-                            T.barrier_wait(full[ps], (d // 2) % 2)
-                            T.barrier_wait(s_full, d % 2)
-                            T.gemm(q_s[ps, :, :], s_s, out, transpose_B=True, clear_accum=True)
-                            T.barrier_arrive(s_free)
-                            T.gemm(q_s[ps, :, :], k_s[ps, :, :], qk, transpose_B=True, clear_accum=True)
-                            for i, j in T.Parallel(C, C):
-                                qk[i, j] = qk[i, j] * cf_s[ps, i, 5] * cf_s[ps, j, 6] * T.Cast(ACC, i >= j) * T.exp2(
-                                    T.min(cf_s[ps, i, 4] - cf_s[ps, j, 4], 0.0))
-                            for i, j in T.Parallel(C, BV):
-                                out[i, j] = out[i, j] * cf_s[ps, i, 1] * T.Cast(ACC, i < rows)
-                            T.barrier_arrive(empty[ps])
-                            T.copy(qk, p_s)
-                            T.barrier_wait(vn_full, d % 2)
-                            T.gemm(p_s, vn_s, out, transpose_B=True)
-                            T.barrier_arrive(vn_free)
-                            T.copy(out, o_s)                            # staged: 16-byte coalesced stores
+                num_chunks = T.ceildiv(length, C)
+                for c in T.serial(T.min(num_chunks, 2)):
+                    load_chunk(q, k, v, ag, coef, q_s, k_s, v_s, ag_s, cf_s, full, empty, c, start, hk, h, v0)
+                if warmup:
+                    for c in T.serial(2, num_chunks):
+                        load_chunk(q, k, v, ag, coef, q_s, k_s, v_s, ag_s, cf_s, full, empty, c, start, hk, h, v0)
+                else:
+                    for d in T.serial(num_chunks):
+                        ps = d % 2
+                        rows = length - d * C
+                        T.barrier_wait(full[ps], (d // 2) % 2)
+                        T.barrier_wait(s_full, d % 2)
+                        # Q S and Q K^T back to back; s_s is free once the first is done
+                        T.wgmma_gemm(q_s[ps, :, :], s_s, out, transpose_B=True, clear_accum=True)
+                        T.wgmma_gemm(q_s[ps, :, :], k_s[ps, :, :], qk, transpose_B=True, clear_accum=True)
+                        T.wait_wgmma(1)
+                        T.barrier_arrive(s_free)
+                        T.wait_wgmma(0)
+                        for i, j in T.Parallel(C, C):
+                            qk[i, j] = qk[i, j] * cf_s[ps, i, 5] * cf_s[ps, j, 6] * T.Cast(ACC, i >= j) * T.exp2(
+                                T.min(cf_s[ps, i, 4] - cf_s[ps, j, 4], 0.0))
+                        for i, j in T.Parallel(C, BV):
+                            out[i, j] = out[i, j] * cf_s[ps, i, 1] * T.Cast(ACC, i < rows)
+                        T.barrier_arrive(empty[ps])
+                        T.copy(qk, p_s)
+                        T.barrier_wait(vn_full, d % 2)
+                        T.gemm(p_s, vn_s, out, transpose_B=True)
+                        T.barrier_arrive(vn_free)
+                        # the stores before the next load: the load waits for the consumers to finish the
+                        # chunk, the TMA store for nothing
+                        T.tma_store_wait()                          # the previous chunk's store has read o_s
+                        T.copy(out, o_s)
+                        T.fence_proxy_async()                       # o_s is read by the TMA store below
+                        t0 = start + d * C
+                        if rows >= C:
+                            T.tma_copy(o_s, o[t0:t0 + C, h, v0:v0 + BV])
+                        else:                                       # the last chunk stops inside the tile
                             for i, j in T.Parallel(C, BV):
                                 if i < rows:
-                                    o[start + d * C + i, h, v0 + j] = o_s[i, j]
+                                    o[t0 + i, h, v0 + j] = o_s[i, j]
+                        if d + 2 < num_chunks:
+                            load_chunk(q, k, v, ag, coef, q_s, k_s, v_s, ag_s, cf_s, full, empty, d + 2, start, hk, h,
+                                       v0)
+                    T.tma_store_wait()                              # o_s must outlive the last store
             elif tx < threads:
                 T.set_max_nreg(consumer_regs, 1)
                 if warmup:

@@ -1,19 +1,19 @@
 """Sequential forward kernel: walks the chunks of one sequence, state in registers.
 
 One CTA per (sequence, value head, V tile of width BV). The state stays in fp32 registers of the
-consumer warpgroups (transposed, see below), with a q/k-dtype copy in registers as a GEMM operand and
-one in shared memory for the output's Q S. Per chunk, with
-Ag and the row factors c0..c6 from ``chunk_matrices`` (DESIGN section 2):
+consumer warpgroups (transposed, see below), with a q/k-dtype copy in registers as a GEMM operand.
+Per chunk, with Ag and the row factors c0..c6 from ``chunk_matrices`` (DESIGN section 2):
 
     W  = V - c0 * (K S)          V' = Ag W
     P  = Lower(c5 * (Q K^T) * c6^T * 2^(c4 - c4^T))
     O  = c1 * (Q S) + P V'
     S  = c3 * S + K^T (c2 * V')
 
-Only the state's chain runs on the consumers; the output is formed beside it (see below). The
-consumers hold the state transposed (S^T, BV x K) and compute the transposed chain
-W^T = V^T - (K S)^T diag(c0), V'^T = W^T Ag^T, S^T = c3 S^T + (diag(c2) V')^T K: each GEMM takes its
-A operand from registers (wgmma RS), so nothing on the chain is restaged through shared memory.
+The consumers hold the state transposed (S^T, BV x K) and compute everything transposed:
+W^T = V^T - (K S)^T diag(c0), V'^T = W^T Ag^T, S^T = c3 S^T + (diag(c2) V')^T K and
+O^T = (Q S)^T diag(c1) + V'^T P^T. Every one of these GEMMs takes its A operand from registers
+(wgmma RS: S^T for K S and Q S, W^T, V'^T), so neither the state nor V' goes through shared memory;
+only P, which depends on the chunk's tiles alone, is formed elsewhere (see below).
 
 Chunks are loaded whole (TMA; rows past the sequence's end belong to the next sequence or lie past T
 and come back as zeros). Rows past the end are neutralised by zeroing their row factors: their V'
@@ -32,15 +32,15 @@ written to ``ht[n]``, M to ``ht[num_seqs + n]``.
 
 Warp specialisation is written out (not TileLang's automatic pipelining) so the GEMMs can run
 asynchronously around the state's dependency chain. An auxiliary warpgroup streams each chunk's tiles
-into two stages (one ``full`` mbarrier per stage, TMA transaction counts; one ``empty`` barrier
-released when every reader is done with the stage) and computes each chunk's output (Q S, P, P V',
-the store) while the consumer warpgroups advance the state: K S, W, Ag W and K^T V' alone are on
-their chain. ``s_full`` / ``s_free`` and ``vn_full`` / ``vn_free`` hand s_s and vn_s over. One
-warpgroup does both jobs because a fourth (a producer of its own) would cap registers at 128 a
-thread, and the consumers would spill. The auxiliary warpgroup's work sets the pace (without the
-output the chunk step is 2.6x shorter), so nothing in it waits that need not: o leaves by TMA store
-(the thread stores it replaced cost a quarter of the step), and chunk d + 2's loads are issued after
-chunk d's store, when the consumers are done with d.
+into three stages (one ``full`` mbarrier per stage, TMA transaction counts; one ``empty`` barrier
+released when every reader is done with the stage) and forms each chunk's P into one of two buffers
+(``p_full`` / ``p_free``), a chunk ahead of the consumers. With the output on the consumers the step
+is short enough that two stages (loads one step ahead) left them waiting for tiles: 3.8 against
+2.7 µs a chunk at 4x8192 h16/32 (H100); the third fits in the shared memory the hand-overs freed. The consumers store O^T transposed into
+o_s, and o leaves by TMA store. An earlier design formed the whole output (Q S, P, P V') on the
+auxiliary warpgroup from copies of S^T and V'^T in shared memory; its hand-overs paced the walk
+(without the output, the chunk step was 2.6x shorter). One warpgroup both loads and forms P because a
+fourth (a producer of its own) would cap registers at 128 a thread, and the consumers would spill.
 """
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout
@@ -52,11 +52,13 @@ ACC = "float32"
 AUX_THREADS = 128                       # one warpgroup: streams the tiles and computes the output
 
 
-def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256, warmup: bool = False):
+def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256, warmup: bool = False,
+                            stages: int = 3):
     """The prim_func for head dims K, V, V tile BV and q/k/v dtype; lengths and head counts are dynamic.
 
     ``threads``: consumer threads (BV // 64 warpgroups); the CTA has ``AUX_THREADS`` more.
     ``warmup``: the state-only variant (q, o and h0 are not read or written; ``seqs`` holds spans).
+    ``stages``: buffers of the streamed tiles; chunk c + stages - 1 loads while the consumers work on c.
     """
     C = CHUNK
     num_tokens = T.dynamic("num_tokens")
@@ -72,15 +74,15 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     # Registers: the consumers take what the auxiliary warpgroup gives back. setmaxnreg.inc waits until
     # the CTA's pool (its launch allocation, not the SM's 64K) has them: asking for more hangs.
     launch_regs = min(240, 65536 // (threads + AUX_THREADS) // 8 * 8)
-    aux_regs = 24 if warmup else 152
+    aux_regs = 24 if warmup else 72
     consumer_regs = min(240, (launch_regs * (threads + AUX_THREADS) - aux_regs * AUX_THREADS) // threads // 8 * 8)
 
     @T.macro
     def load_chunk(q, k, v, ag, coef, q_s, k_s, v_s, ag_s, cf_s, full, empty, c, start, hk, h, v0):
-        """Chunk c's tiles into stage c % 2, once every reader is done with chunk c - 2."""
-        st = c % 2
+        """Chunk c's tiles into stage c % stages, once every reader is done with chunk c - stages."""
+        st = c % stages
         t0 = start + c * C
-        T.barrier_wait(empty[st], (c // 2 + 1) % 2)
+        T.barrier_wait(empty[st], (c // stages + 1) % 2)
         if not warmup:
             T.tma_copy(q[t0:t0 + C, hk, 0:K], q_s[st, :, :], barrier=full[st])
         T.tma_copy(k[t0:t0 + C, hk, 0:K], k_s[st, :, :], barrier=full[st])
@@ -120,30 +122,25 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 length = seqs[n, 1]
                 ht_row = seqs[n, 2]
 
-            # two stages of the streamed tiles, then single buffers of the output: P, and the hand-overs
-            # from the consumers (V'^T, S^T)
+            # the stages of the streamed tiles, two buffers of P (the auxiliary warpgroup forms chunk
+            # d + 1's while the consumers use chunk d's), the output tile
             if not warmup:
-                q_s = T.alloc_shared((2, C, K), dtype)
-                p_s = T.alloc_shared((C, C), dtype)
-                vn_s = T.alloc_shared((BV, C), dtype)          # V'^T of the chunk, for P V'
+                q_s = T.alloc_shared((stages, C, K), dtype)
+                p_s = T.alloc_shared((2, C, C), dtype)
                 o_s = T.alloc_shared((C, BV), dtype)
-                s_s = T.alloc_shared((BV, K), dtype)           # S^T entering the chunk, for Q S
-            k_s = T.alloc_shared((2, C, K), dtype)
+            k_s = T.alloc_shared((stages, C, K), dtype)
             if warmup:
                 q_s = k_s                                      # not loaded: the state-only walk reads no q
-            v_s = T.alloc_shared((2, C, BV), dtype)
-            ag_s = T.alloc_shared((2, C, C), dtype)
-            cf_s = T.alloc_shared((2, C, COEFS), ACC)
-            full = T.alloc_barrier([AUX_THREADS, AUX_THREADS])     # the auxiliary threads' arrivals + TMA bytes
-            empty = T.alloc_barrier([readers, readers])    # every reading thread, after the stage's last use
+            v_s = T.alloc_shared((stages, C, BV), dtype)
+            ag_s = T.alloc_shared((stages, C, C), dtype)
+            cf_s = T.alloc_shared((stages, C, COEFS), ACC)
+            full = T.alloc_barrier([AUX_THREADS] * stages)         # the auxiliary threads' arrivals + TMA bytes
+            empty = T.alloc_barrier([readers] * stages)    # every reading thread, after the stage's last use
             if not warmup:
-                # hand-overs between the consumers (state) and the auxiliary warpgroup (output)
-                s_full = T.alloc_barrier(arrive_count=threads)         # the state entering a chunk is in s_s
-                s_free = T.alloc_barrier(arrive_count=AUX_THREADS)     # Q S read it: s_s may be overwritten
-                vn_full = T.alloc_barrier(arrive_count=threads)        # the chunk's V' is in vn_s
-                vn_free = T.alloc_barrier(arrive_count=AUX_THREADS)    # P V' read it
-            # v_s and o_s are read/written row-wise by the accumulator fragments (8 rows of BV * 2 bytes
-            # per warp access): unswizzled, every row of a warp falls on the same banks (8-way conflicts)
+                p_full = T.alloc_barrier([AUX_THREADS, AUX_THREADS])   # P of the chunk is in p_s
+                p_free = T.alloc_barrier([threads, threads])           # its P V' is done
+            # v_s and o_s are accessed row-wise by the accumulator fragments (8 rows of BV * 2 bytes per
+            # warp access): unswizzled, every row of a warp falls on the same banks (8-way conflicts)
             if warmup:
                 T.annotate_layout({v_s: make_swizzled_layout(v_s)})
             else:
@@ -152,65 +149,42 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             # the state transposed, S^T (BV x K): every GEMM of its chain then takes its A operand from
             # registers (S^T, W^T, V'^T) and nothing on the chain goes through shared memory
             S = T.alloc_fragment((BV, K), ACC)
-            sa = T.alloc_fragment((BV, K), dtype)           # S^T as the first GEMM's A operand
+            sa = T.alloc_fragment((BV, K), dtype)           # S^T as the A operand of K S and Q S
             acc = T.alloc_fragment((BV, C), ACC)
             accb = T.alloc_fragment((BV, C), dtype)
             if not warmup:
-                out = T.alloc_fragment((C, BV), ACC)           # auxiliary warpgroup
-                qk = T.alloc_fragment((C, C), ACC)
+                ot = T.alloc_fragment((BV, C), ACC)            # O^T of the chunk
+                vb = T.alloc_fragment((BV, C), dtype)          # V'^T, the A operand of P V'
+                qk = T.alloc_fragment((C, C), ACC)             # auxiliary warpgroup
 
             tx = T.get_thread_binding()
             if tx >= threads:
-                # The auxiliary warpgroup: loads chunks 0 and 1, then per chunk d computes the output while
-                # the consumers advance the state, O = c1 (Q S) + P V', P = Lower(c5 (Q K^T) c6^T 2^(c4 - c4^T)),
-                # stores it and loads chunk d + 2 into d's stage. P's epilogue is straight-line (a mask
-                # product, the exponent clamped to stay finite above the diagonal) and staged by one
-                # fragment copy (stmatrix).
+                # The auxiliary warpgroup: per chunk d, P = Lower(c5 (Q K^T) c6^T 2^(c4 - c4^T)) into
+                # p_s[d % 2] (a straight-line epilogue: a mask product, the exponent clamped to stay
+                # finite above the diagonal; staged by one fragment copy, stmatrix), then the loads of
+                # chunk d + stages - 1 into the stage chunk d - 1 leaves. Chunk d + 1 has landed before
+                # the consumers finish chunk d, so its P is ready before they need it.
                 T.set_max_nreg(aux_regs, 0)
                 num_chunks = T.ceildiv(length, C)
-                for c in T.serial(T.min(num_chunks, 2)):
+                for c in T.serial(T.min(num_chunks, stages - 1)):
                     load_chunk(q, k, v, ag, coef, q_s, k_s, v_s, ag_s, cf_s, full, empty, c, start, hk, h, v0)
-                if warmup:
-                    for c in T.serial(2, num_chunks):
-                        load_chunk(q, k, v, ag, coef, q_s, k_s, v_s, ag_s, cf_s, full, empty, c, start, hk, h, v0)
-                else:
-                    for d in T.serial(num_chunks):
-                        ps = d % 2
-                        rows = length - d * C
-                        T.barrier_wait(full[ps], (d // 2) % 2)
-                        T.barrier_wait(s_full, d % 2)
-                        # Q S and Q K^T back to back; s_s is free once the first is done
-                        T.wgmma_gemm(q_s[ps, :, :], s_s, out, transpose_B=True, clear_accum=True)
-                        T.wgmma_gemm(q_s[ps, :, :], k_s[ps, :, :], qk, transpose_B=True, clear_accum=True)
-                        T.wait_wgmma(1)
-                        T.barrier_arrive(s_free)
-                        T.wait_wgmma(0)
+                for d in T.serial(num_chunks):
+                    st = d % stages
+                    ps = d % 2
+                    if not warmup:
+                        T.barrier_wait(full[st], (d // stages) % 2)
+                        T.gemm(q_s[st, :, :], k_s[st, :, :], qk, transpose_B=True, clear_accum=True)
                         for i, j in T.Parallel(C, C):
-                            qk[i, j] = qk[i, j] * cf_s[ps, i, 5] * cf_s[ps, j, 6] * T.Cast(ACC, i >= j) * T.exp2(
-                                T.min(cf_s[ps, i, 4] - cf_s[ps, j, 4], 0.0))
-                        for i, j in T.Parallel(C, BV):
-                            out[i, j] = out[i, j] * cf_s[ps, i, 1] * T.Cast(ACC, i < rows)
-                        T.barrier_arrive(empty[ps])
-                        T.copy(qk, p_s)
-                        T.barrier_wait(vn_full, d % 2)
-                        T.gemm(p_s, vn_s, out, transpose_B=True)
-                        T.barrier_arrive(vn_free)
-                        # the stores before the next load: the load waits for the consumers to finish the
-                        # chunk, the TMA store for nothing
-                        T.tma_store_wait()                          # the previous chunk's store has read o_s
-                        T.copy(out, o_s)
-                        T.fence_proxy_async()                       # o_s is read by the TMA store below
-                        t0 = start + d * C
-                        if rows >= C:
-                            T.tma_copy(o_s, o[t0:t0 + C, h, v0:v0 + BV])
-                        else:                                       # the last chunk stops inside the tile
-                            for i, j in T.Parallel(C, BV):
-                                if i < rows:
-                                    o[t0 + i, h, v0 + j] = o_s[i, j]
-                        if d + 2 < num_chunks:
-                            load_chunk(q, k, v, ag, coef, q_s, k_s, v_s, ag_s, cf_s, full, empty, d + 2, start, hk, h,
-                                       v0)
-                    T.tma_store_wait()                              # o_s must outlive the last store
+                            qk[i, j] = qk[i, j] * cf_s[st, i, 5] * cf_s[st, j, 6] * T.Cast(ACC, i >= j) * T.exp2(
+                                T.min(cf_s[st, i, 4] - cf_s[st, j, 4], 0.0))
+                        T.barrier_arrive(empty[st])
+                        T.barrier_wait(p_free[ps], (d // 2 + 1) % 2)     # P V' of chunk d - 2 is done
+                        T.copy(qk, p_s[ps, :, :])
+                        T.fence_proxy_async()
+                        T.barrier_arrive(p_full[ps])
+                    if d + stages - 1 < num_chunks:
+                        load_chunk(q, k, v, ag, coef, q_s, k_s, v_s, ag_s, cf_s, full, empty, d + stages - 1, start,
+                                   hk, h, v0)
             elif tx < threads:
                 T.set_max_nreg(consumer_regs, 1)
                 if warmup:
@@ -225,18 +199,18 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
 
                 v_keep = T.cast(1 - is_m, ACC)
                 for c in T.serial(T.ceildiv(length, C)):
-                    st = c % 2
+                    st = c % stages
+                    ps = c % 2
                     rows = length - c * C                  # valid tokens of this chunk (> 64 = all)
-                    T.barrier_wait(full[st], (c // 2) % 2)
-                    # W^T = v_keep V^T - (K S)^T diag(c0): columns are tokens
+                    T.barrier_wait(full[st], (c // stages) % 2)
+                    # (K S)^T and, off the chain, (Q S)^T: both take S^T from registers
                     T.wgmma_gemm(sa, k_s[st, :, :], acc, transpose_B=True, clear_accum=True, policy=ROWS)
                     if not warmup:
-                        # the state entering this chunk, for the output's Q S (under K S)
-                        T.barrier_wait(s_free, (c + 1) % 2)         # Q S of the previous chunk is done
-                        T.copy(sa, s_s)
-                        T.fence_proxy_async()
-                        T.barrier_arrive(s_full)
-                    T.wait_wgmma(0)
+                        T.wgmma_gemm(sa, q_s[st, :, :], ot, transpose_B=True, clear_accum=True, policy=ROWS)
+                        T.wait_wgmma(1)
+                    else:
+                        T.wait_wgmma(0)
+                    # W^T = v_keep V^T - (K S)^T diag(c0): columns are tokens
                     for i, j in T.Parallel(BV, C):
                         accb[i, j] = v_keep * v_s[st, j, i] - cf_s[st, j, 0] * T.Cast(ACC, j < rows) * acc[i, j]
                     # V'^T = W^T Ag^T
@@ -249,14 +223,30 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                     # S^T = c3 S^T + (c2 V')^T K
                     T.wgmma_gemm(accb, k_s[st, :, :], S, policy=ROWS)
                     if not warmup:
-                        # V'^T for the output's P V' (under K^T V')
-                        T.barrier_wait(vn_free, (c + 1) % 2)        # P V' of the previous chunk is done
-                        T.copy(acc, vn_s)
-                        T.fence_proxy_async()
-                        T.barrier_arrive(vn_full)
+                        # O^T = (Q S)^T diag(c1) + V'^T P^T
+                        T.copy(acc, vb)
+                        for i, j in T.Parallel(BV, C):
+                            ot[i, j] = ot[i, j] * cf_s[st, j, 1]
+                        T.barrier_wait(p_full[ps], (c // 2) % 2)
+                        T.wgmma_gemm(vb, p_s[ps, :, :], ot, transpose_B=True, policy=ROWS)
                     T.wait_wgmma(0)
                     T.barrier_arrive(empty[st])
                     T.copy(S, sa)
+                    if not warmup:
+                        T.barrier_arrive(p_free[ps])
+                        T.tma_store_wait()                      # the previous chunk's store has read o_s
+                        for i, j in T.Parallel(BV, C):
+                            o_s[j, i] = ot[i, j]
+                        T.fence_proxy_async()                   # o_s is read by the TMA store below
+                        t0 = start + c * C
+                        if rows >= C:
+                            T.tma_copy(o_s, o[t0:t0 + C, h, v0:v0 + BV])
+                        else:                                   # the last chunk stops inside the tile
+                            for i, j in T.Parallel(C, BV):
+                                if i < rows:
+                                    o[t0 + i, h, v0 + j] = o_s[i, j]
+                if not warmup:
+                    T.tma_store_wait()                          # o_s must outlive the last store
 
                 if store_ht != 0:
                     if ht_row >= 0:

@@ -1,6 +1,7 @@
 """The benchmark CLI on CPU: configuration parsing, floor arithmetic, report formatting, end to end."""
 import json
 import math
+import re
 import sys
 import time
 import types
@@ -187,6 +188,13 @@ def test_stem_from_gpu_name():
     assert short_name("NVIDIA H100 80GB HBM3") == "H100"
     assert short_name("NVIDIA H200") == "H200"
     assert short_name("CPU x86_64 (2 cores)") == "cpu"
+
+
+def test_source_digest_names_the_code():
+    from flashdelta.bench import environment
+    digest = environment.source_digest()
+    assert re.fullmatch(r"[0-9a-f]{12}", digest) and environment.source_digest() == digest
+    assert environment.environment(torch.device("cpu"), "cmd")["flashdelta_sources"] == digest
 
 
 # ---- end to end ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import importlib.metadata
 import os
 import platform
@@ -59,12 +60,23 @@ def _git_commit() -> str | None:
         return None
 
 
+def source_digest() -> str:
+    """sha256 (12 hex digits) over flashdelta's Python sources, path by path: identifies the code that ran
+    where git cannot (the GPU machine's copy of the tree may carry a stale .git)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def environment(device: torch.device, command: str) -> dict:
     env = {"device_name": device_name(device), "driver": None, "cuda": torch.version.cuda,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": command,
            "versions": {dist: version(dist, mod) for dist, mod in LIBRARIES.items()},
            "flashdelta_commit": _git_commit(),
+           "flashdelta_sources": source_digest(),
            "cache_dirs": {k: os.environ.get(k) for k in ("TILELANG_CACHE_DIR", "TRITON_CACHE_DIR")}}
     if device.type == "cuda":
         env["driver"] = _driver()

@@ -36,11 +36,12 @@ into three stages (one ``full`` mbarrier per stage, TMA transaction counts; one 
 released when every reader is done with the stage) and forms each chunk's P into one of two buffers
 (``p_full`` / ``p_free``), a chunk ahead of the consumers. With the output on the consumers the step
 is short enough that two stages (loads one step ahead) left them waiting for tiles: 3.8 against
-2.7 µs a chunk at 4x8192 h16/32 (H100); the third fits in the shared memory the hand-overs freed. The consumers store O^T transposed into
-o_s, and o leaves by TMA store. An earlier design formed the whole output (Q S, P, P V') on the
-auxiliary warpgroup from copies of S^T and V'^T in shared memory; its hand-overs paced the walk
-(without the output, the chunk step was 2.6x shorter). One warpgroup both loads and forms P because a
-fourth (a producer of its own) would cap registers at 128 a thread, and the consumers would spill.
+2.7 µs a chunk at 4x8192 h16/32 (H100); the third fits in the shared memory the hand-overs freed.
+The consumers store O^T transposed into o_s, and o leaves by TMA store. An earlier design formed
+the whole output (Q S, P, P V') on the auxiliary warpgroup from copies of S^T and V'^T in shared
+memory; its hand-overs paced the walk (without the output, the chunk step was 2.6x shorter). One
+warpgroup both loads and forms P because a fourth (a producer of its own) would cap registers at
+128 a thread, and the consumers would spill.
 """
 import tilelang.language as T
 from tilelang.layout import make_swizzled_layout

@@ -65,6 +65,8 @@ def test_cli_configuration_building():
         with pytest.raises(ValueError):
             cli.build_configs(cli.parse_args(argv))
     assert cli.main(["--lengths", "64"]) == 2             # error message, exit status 2, no traceback
+    quick = cli.build_configs(cli.parse_args(["--preset", "quick"]))
+    assert cli.build_configs(cli.parse_args([])) == quick == cli.build_configs(cli.parse_args(["--out", "x"]))
 
 
 # ---- roofline ----------------------------------------------------------------------------------

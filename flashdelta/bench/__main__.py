@@ -2,7 +2,7 @@
 
 Examples::
 
-    flashdelta-bench --preset quick
+    flashdelta-bench                      # the quick preset (no preset or shapes given)
     flashdelta-bench --preset qwen35-fwd --heads 2/8,16/32
     flashdelta-bench --preset qwen35-bwd --cold-cache
     flashdelta-bench --lengths 28672,4096 --batch 4 --seqlen 8192 --heads 16/32 --mode fwdbwd
@@ -35,7 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flashdelta-bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     what = p.add_argument_group("configurations (a preset, or custom shapes)")
-    what.add_argument("--preset", choices=configs.PRESETS)
+    what.add_argument("--preset", choices=configs.PRESETS, help="default: quick, unless custom shapes are given")
     what.add_argument("--lengths", action="append", default=[], metavar="N,N,...",
                       help="packed variable-length sequences (cu_seqlens), e.g. 4096,4096; repeatable")
     what.add_argument("--batch", type=int, help="dense batch of --batch sequences of --seqlen tokens")
@@ -90,12 +90,13 @@ def build_configs(args) -> list[configs.Config]:
             raise ValueError("--rerun takes its configurations from the JSON: no --preset or custom shapes")
         record = json.loads(Path(args.rerun).read_text())
         chosen = configs.restrict(configs.from_results(record, "FlashQLA", args.below), heads, args.max_tokens)
-    elif args.preset:
+    elif args.preset or not (args.lengths or args.seqlen or args.batch):
+        preset = args.preset or "quick"
         if args.lengths or args.seqlen or args.batch:
             raise ValueError("--preset and custom shapes (--lengths/--batch/--seqlen) exclude each other")
-        if args.mode and args.preset != "quick":
-            raise ValueError(f"--mode is fixed by preset {args.preset}")
-        chosen = configs.restrict(configs.preset(args.preset, args.mode), heads, args.max_tokens)
+        if args.mode and preset != "quick":
+            raise ValueError(f"--mode is fixed by preset {preset}")
+        chosen = configs.restrict(configs.preset(preset, args.mode), heads, args.max_tokens)
     else:
         if heads is None:
             raise ValueError("custom shapes need --heads or --hk/--hv")

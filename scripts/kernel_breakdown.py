@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--out")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    wanted = {p.strip().lower() for p in args.peers.split(",")}
+    wanted = peers.requested(args.peers)
     impls = [peers.FlashDelta()] + [p for p in (peers.FLATriton(), peers.FlashQLA()) if p.name.lower() in wanted]
     impls = [i for i in impls if i.load(dev) is None]
     lines = []

@@ -118,6 +118,13 @@ def test_rel_rms_and_flags():
     assert check.flagged(errs) == ["ht", "dg", "dk"]
 
 
+def test_requested_peers():
+    assert peers.requested("fla, FlashQLA") == {"fla", "flashqla"} and peers.requested("none") == set()
+    with pytest.raises(ValueError, match="triton"):
+        peers.requested("fla,triton")
+    assert cli.main(["--peers", "triton"]) == 2            # error message, exit status 2
+
+
 def test_fla_dispatch_to_flashqla_is_caught(monkeypatch):
     """The FLA peer must fail loudly if fla routes the call to FlashQLA despite FLA_FLASH_QLA=0."""
     fake = types.ModuleType("flash_qla")

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import report, roofline, timing
     from .environment import environment, short_name
-    from .peers import FLATriton, FlashDelta, FlashQLA, Naive
+    from .peers import FLATriton, FlashDelta, FlashQLA, Naive, requested
     from .runner import measure_config
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -205,10 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         budget = timing.Budget(args.budget or 1.0, min_reps=3, max_reps=20)
 
-    wanted = {p.strip().lower() for p in args.peers.split(",")} - {"none", ""}
-    unknown = wanted - {"fla", "flashqla"}
-    if unknown:
-        print(f"flashdelta-bench: error: unknown peers {sorted(unknown)}", file=sys.stderr)
+    try:
+        wanted = requested(args.peers)
+    except ValueError as err:
+        print(f"flashdelta-bench: error: {err}", file=sys.stderr)
         return 2
     impls, skipped = [FlashDelta(args.backend)], {}
     impls[0].load(device)

@@ -15,6 +15,15 @@ from .configs import Config
 from .inputs import GRAD_NAMES, InputSet
 
 
+def requested(spec: str) -> set[str]:
+    """The peers a comma list names ("fla", "flashqla"; "none" or empty for none), lower case."""
+    wanted = {p.strip().lower() for p in spec.split(",")} - {"none", ""}
+    unknown = wanted - {"fla", "flashqla"}
+    if unknown:
+        raise ValueError(f"unknown peers {sorted(unknown)}")
+    return wanted
+
+
 @contextlib.contextmanager
 def spy(module, attr: str):
     """Count calls of ``module.attr`` while the block runs (the callee looks it up at call time)."""

@@ -71,6 +71,7 @@ def chunk_matrices_kernel(K: int, dtype: str):
     ):
         # 1-D grid (no 65535 limit), q/k heads fastest: neighbouring CTAs read neighbouring q / k rows
         with T.Kernel(num_chunks * qk_heads, threads=128) as (cta,):
+            T.pdl_sync()        # launched early (PDL): the previous kernel's writes are visible from here
             hk = cta % qk_heads
             c = cta // qk_heads
             group = v_heads // qk_heads

@@ -71,6 +71,7 @@ def chunk_matrices_kernel(K: int, dtype: str):
     ):
         # 1-D grid (no 65535 limit), q/k heads fastest: neighbouring CTAs read neighbouring q / k rows
         with T.Kernel(num_chunks * qk_heads, threads=128) as (cta,):
+            T.pdl_sync()        # launched early (PDL): the previous kernel's writes are visible from here
             hk = cta % qk_heads
             c = cta // qk_heads
             group = v_heads // qk_heads
@@ -204,9 +205,12 @@ def chunk_matrices_kernel(K: int, dtype: str):
                         (gam[i] - gam[j]) * T.Cast(ACC, i >= j))
                 for i, j in T.Parallel(C, C):
                     out_s[i, j] = acc[i, j]
-                for i, j in T.Parallel(C, C):
-                    if i < n:
-                        ag[t0 + i, h, j] = out_s[i, j]
+                if n >= C:                                  # a full chunk: one TMA store
+                    T.copy(out_s, ag[t0:t0 + C, h, 0:C])
+                else:
+                    for i, j in T.Parallel(C, C):
+                        if i < n:
+                            ag[t0 + i, h, j] = out_s[i, j]
                 # the row factors, one thread per row, two 16-byte stores each
                 if tx < n:
                     last = gam[T.max(n, 1) - 1]

@@ -110,6 +110,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
         # a 3-D grid (the caller launches at most 65535 sequences at a time): a 1-D grid decoded with
         # divisions by the dynamic head count measured 8-35% slower (divisions redone in the loop)
         with T.Kernel((V // BV) * halves, v_heads, num_seqs, threads=threads + AUX_THREADS) as (bt, h, n):
+            T.pdl_sync()        # launched early (PDL): the previous kernel's writes are visible from here
             hk = h // (v_heads // qk_heads)
             bv = bt % (V // BV)
             is_m = bt // (V // BV)                         # warm-up: 1 = this CTA computes M columns

@@ -28,6 +28,7 @@ def segment_scan_kernel(K: int, BV: int, threads: int = 128):
         starts: T.Tensor((rows, v_heads, K, K), ACC),
     ):
         with T.Kernel(K // BV, v_heads, num_seqs, threads=threads) as (bv, h, n):
+            T.pdl_sync()        # launched early (PDL): the previous kernel's writes are visible from here
             m_s = T.alloc_shared((2, K, K), T.tfloat32)
             st_s = T.alloc_shared((BV, K), T.tfloat32)
             m_full = T.alloc_barrier([threads, threads])

@@ -24,6 +24,7 @@ def segment_windows_kernel(chunk: int, threads: int = 128):
         tau: T.float32,
     ):
         with T.Kernel(T.ceildiv(v_heads, threads), rows, threads=threads) as (bh, j):
+            T.pdl_sync()        # launched early (PDL): the previous kernel's writes are visible from here
             h = bh * threads + T.get_thread_binding()
             decay = T.alloc_var(ACC, init=0.0)
             broken = T.alloc_var(ACC, init=0.0)

@@ -90,6 +90,7 @@ def chunk_matrices_kernel(K: int, dtype: str):
             bet = T.alloc_shared((C,), ACC)
             rk = T.alloc_shared((C,), ACC)
             sq = T.alloc_shared((C,), ACC)          # scale * rq
+            qhalf = T.alloc_shared((2, C), ACC)     # |q|^2 over each half of a row
             k2 = T.alloc_shared((C,), ACC)          # |k|^2 after the l2-norm (for the CP statistics)
             kd = T.alloc_shared((C, B), ACC)        # Kd, the four blocks stacked (rows read by the substitution)
             ko_s = T.alloc_shared((C, C), MERGE)    # Kn Kn^T (symmetric: Ko^T above the block diagonal)
@@ -97,8 +98,8 @@ def chunk_matrices_kernel(K: int, dtype: str):
             x2_s = T.alloc_shared((C, C), MERGE)    # D^T, then W
             out_s = T.view(x1_s, dtype=dtype)       # Ag staged over M once the last GEMM has read it
 
-            qsq = T.alloc_fragment((C, K), ACC)     # setup only (q's l2-norm): no big fragment lives across heads
-            qn = T.alloc_fragment((C,), ACC)
+            qn = T.alloc_local((1,), ACC)
+            qv = T.alloc_local((K // 2,), dtype)    # half a row of q
             kk = T.alloc_fragment((C, C), ACC)
             acc = T.alloc_fragment((C, C), ACC)     # all wgmma accumulators: one layout, mixed freely
             v1 = T.alloc_fragment((C, C), MERGE)    # V1^T, the third GEMM's A operand, from registers
@@ -112,14 +113,26 @@ def chunk_matrices_kernel(K: int, dtype: str):
             # beta is 0 there and those output rows are not stored.
             T.tma_copy(k[t0:t0 + C, hk, 0:K], k_s, barrier=loaded)
             T.barrier_arrive(loaded)
-            # q's norms straight from global memory (q has no other use here), under k's load; rows past
-            # the chunk repeat its last row (in bounds; their factors are never stored)
+            # the first head's g and beta, under k's load
+            row = tx % C
+            if row < n:
+                gb[0] = T.if_then_else(tx < C, g[t0 + row, heads[0]], beta[t0 + row, heads[0]])
+            else:
+                gb[0] = 0.0
+            # q's norms straight from global memory (q has no other use here), under k's load: two threads
+            # a row, a serial sum each (a (C, K) fragment took 64 registers and made the kernel spill); rows
+            # past the chunk repeat its last row (in bounds; their factors are never stored)
             if l2norm != 0:
-                for i, j in T.Parallel(C, K):
-                    qsq[i, j] = T.Cast(ACC, q[t0 + T.min(i, n - 1), hk, j]) * T.Cast(ACC, q[t0 + T.min(i, n - 1), hk, j])
-                T.reduce_sum(qsq, qn, dim=1)
+                half = tx // C
+                for j in T.unroll(K // 16):             # all eight 16-byte loads in flight at once
+                    for e in T.vectorized(8):
+                        qv[j * 8 + e] = q[t0 + T.min(row, n - 1), hk, half * (K // 2) + j * 8 + e]
+                qn[0] = 0.0
+                for e in T.unroll(K // 2):
+                    qn[0] += T.Cast(ACC, qv[e]) * T.Cast(ACC, qv[e])
+                qhalf[half, row] = qn[0]
                 for i in T.Parallel(C):
-                    sq[i] = T.rsqrt(qn[i] + 1e-6) * scale
+                    sq[i] = T.rsqrt(qhalf[0, i] + qhalf[1, i] + 1e-6) * scale
             else:
                 for i in T.Parallel(C):
                     sq[i] = scale
@@ -142,11 +155,6 @@ def chunk_matrices_kernel(K: int, dtype: str):
                     kd[i, j % B] = T.if_then_else(i != j, kk[i, j], 0.0)
 
             # g and beta of a head are loaded one head ahead, their latency hidden behind the previous head
-            row = tx % C
-            if row < n:
-                gb[0] = T.if_then_else(tx < C, g[t0 + row, heads[0]], beta[t0 + row, heads[0]])
-            else:
-                gb[0] = 0.0
             for r in T.serial(group):
                 h = heads[0] + r
                 if tx < C:

@@ -33,6 +33,7 @@ def test_config_validation_and_labels():
     assert (dense.tokens, dense.num_seqs, dense.label) == (32768, 4, "4x8192 h16/32")
     varlen = Config((28672, 4096), True, 2, 8, 64, 64, "fp16", "fwdbwd")
     assert varlen.label == "28672+4096 h2/8 K64V64 fp16"
+    assert Config((2048,), False, 2, 8, l2norm=True).label == "1x2048 h2/8 l2norm"
     for kwargs in ({"lengths": (4096, 2048), "varlen": False}, {"hv": 12, "hk": 8}, {"lengths": (0,)},
                    {"mode": "bwd"}, {"dtype": "fp8"}):
         base = dict(lengths=(1024,), varlen=False, hk=2, hv=8)
@@ -67,6 +68,9 @@ def test_cli_configuration_building():
     assert cli.main(["--lengths", "64"]) == 2             # error message, exit status 2, no traceback
     quick = cli.build_configs(cli.parse_args(["--preset", "quick"]))
     assert cli.build_configs(cli.parse_args([])) == quick == cli.build_configs(cli.parse_args(["--out", "x"]))
+    assert not any(c.l2norm for c in quick)
+    l2 = cli.build_configs(cli.parse_args(["--preset", "quick", "--l2norm"]))
+    assert all(c.l2norm for c in l2) and [c.lengths for c in l2] == [c.lengths for c in quick]
 
 
 # ---- roofline ----------------------------------------------------------------------------------
@@ -106,6 +110,9 @@ def test_inputs_follow_protocol():
     assert (x.g[..., ::4] == 0).all() and (x.g[..., 1] < 0).all() and ((x.beta > 0.5) & (x.beta < 0.75)).all()
     assert x.cu_seqlens.tolist() == [0, 100, 160] and x.cu_seqlens.dtype == torch.int32
     assert all(t.requires_grad for t in x.leaves) and x.do.shape == x.v.shape and x.dht.shape == x.h0.shape
+    assert not x.l2norm
+    raw = inputs.make_inputs(Config((100,), False, 2, 8, 32, 16, l2norm=True), "cpu", seed=1)
+    assert raw.l2norm and raw.k.float().norm(dim=-1).mean() > 3          # randn rows of 32: norm about 5.6
 
 
 # ---- checks and peers ----------------------------------------------------------------------------
@@ -228,11 +235,13 @@ def test_quick_preset_end_to_end_on_cpu(tmp_path, capsys):
     assert (tmp_path / "cpu-fwd.png").exists() or "plot skipped" in out
 
 
-def test_fwdbwd_end_to_end_on_cpu(tmp_path):
+@pytest.mark.parametrize("l2norm", [False, True])
+def test_fwdbwd_end_to_end_on_cpu(tmp_path, l2norm):
     argv = ["--lengths", "100,60", "--hk", "1", "--hv", "2", "-K", "16", "-V", "16", "--mode", "fwdbwd",
-            "--device", "cpu", "--reps", "2", "--out", str(tmp_path), "--name", "tiny"]
+            "--device", "cpu", "--reps", "2", "--out", str(tmp_path), "--name", "tiny"] + ["--l2norm"] * l2norm
     assert cli.main(argv) == 0
     r = json.loads((tmp_path / "tiny.json").read_text())["results"][0]
+    assert r["config"]["l2norm"] == l2norm and r["label"].endswith(" l2norm") == l2norm
     errors = r["checks"]["naive-fp64"]["errors"]
     assert set(errors) == {"o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0"} and not r["checks"]["naive-fp64"]["flagged"]
     assert r["impls"]["flashdelta"]["eager"]["reps"] == 2
@@ -327,7 +336,7 @@ def test_rerun_selects_the_close_rows(tmp_path):
                                    "v_dim": 128, "dtype": "bf16", "mode": "fwd"}
     report.write_json(rec, tmp_path / "old.json")
     got = cli.build_configs(cli.parse_args(["--rerun", str(tmp_path / "old.json"), "--below", "1.6"]))
-    assert [c.label for c in got] == ["1x32768 h2/8"]
+    assert [c.label for c in got] == ["1x32768 h2/8"]        # a record older than the l2norm field
     for extra in (["--below", "1.03"], ["--preset", "quick"]):     # nothing left; shapes from two places
         with pytest.raises(ValueError):
             cli.build_configs(cli.parse_args(["--rerun", str(tmp_path / "old.json"), *extra]))

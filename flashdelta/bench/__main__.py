@@ -48,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--dtype", choices=configs.DTYPES, default="bf16", help="q, k, v dtype")
     what.add_argument("--mode", choices=configs.MODES, help="fwd (default) or fwdbwd (forward + backward)")
     what.add_argument("--max-tokens", type=int, help="drop configurations with more tokens")
+    what.add_argument("--l2norm", action="store_true",
+                      help="raw q, k normalised inside every implementation (use_qk_l2norm_in_kernel=True)")
     what.add_argument("--rerun", metavar="JSON", help="the configurations of an earlier run's JSON where FlashQLA "
                                                       "/ flashdelta is below --below (confirming close rows)")
     what.add_argument("--below", type=float, default=1.03, help="with --rerun: the ratio bound (default 1.03)")
@@ -105,6 +107,8 @@ def build_configs(args) -> list[configs.Config]:
                                   max_tokens=args.max_tokens)
     if not chosen:
         raise ValueError("no configuration left to run")
+    if args.l2norm:
+        chosen = [dataclasses.replace(c, l2norm=True) for c in chosen]
     return chosen
 
 

@@ -1,7 +1,7 @@
 """Benchmark configurations: the presets of DESIGN section 5 and parsing of command-line ones."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 MODES = ("fwd", "fwdbwd")
 DTYPES = ("bf16", "fp16", "fp32")
@@ -23,6 +23,7 @@ class Config:
     v_dim: int = 128
     dtype: str = "bf16"
     mode: str = "fwd"
+    l2norm: bool = False            # raw q, k normalised inside each implementation (use_qk_l2norm_in_kernel)
 
     def __post_init__(self):
         if not self.lengths or any(n <= 0 for n in self.lengths):
@@ -56,6 +57,7 @@ class Config:
     def label(self) -> str:
         extra = "" if (self.k_dim, self.v_dim) == (128, 128) else f" K{self.k_dim}V{self.v_dim}"
         extra += "" if self.dtype == "bf16" else f" {self.dtype}"
+        extra += " l2norm" if self.l2norm else ""
         return f"{self.shape_label} h{self.hk}/{self.hv}{extra}"
 
 
@@ -138,7 +140,9 @@ def from_results(record: dict, peer: str, below: float) -> list[Config]:
             times.append(next((impl[kind]["median_ms"] for kind in ("graph", "eager") if impl.get(kind)), None))
         if None not in times and times[0] / times[1] < below:
             saved = res["config"]                  # the runner's dataclasses.asdict(config), plus tokens
-            kwargs = {f.name: saved[f.name] for f in fields(Config)}
+            # fields added since an older record was written take their defaults
+            kwargs = {f.name: saved[f.name] if f.name in saved or f.default is MISSING else f.default
+                      for f in fields(Config)}
             chosen.append(Config(**kwargs | {"lengths": tuple(kwargs["lengths"])}))
     return chosen
 

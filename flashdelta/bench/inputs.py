@@ -27,6 +27,7 @@ class InputSet:
     cu_seqlens_cpu: torch.Tensor | None     # the same offsets on the host (spares the call a sync)
     do: torch.Tensor | None = None          # gradients flowing into o and the final state (fwd+bwd)
     dht: torch.Tensor | None = None
+    l2norm: bool = False                    # q, k raw: every implementation normalises them in-kernel
 
     @property
     def leaves(self) -> list[torch.Tensor]:
@@ -38,8 +39,9 @@ GRAD_NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
 
 
 def make_inputs(cfg: Config, device: torch.device | str, seed: int = 0) -> InputSet:
-    """q,k l2-normalised, v randn (cfg dtype); g = logsigmoid(randn)/16 fp32 with every fourth value head
-    at 0 (no decay, 25% of heads); beta = sigmoid(rand) fp32; h0 randn fp32."""
+    """q,k l2-normalised (raw randn with ``cfg.l2norm``: the implementations normalise them), v randn (cfg
+    dtype); g = logsigmoid(randn)/16 fp32 with every fourth value head at 0 (no decay, 25% of heads);
+    beta = sigmoid(rand) fp32; h0 randn fp32."""
     gen = torch.Generator(device=device).manual_seed(seed)
     dt = TORCH_DTYPES[cfg.dtype]
     B, T = (1, cfg.tokens) if cfg.varlen else (cfg.num_seqs, cfg.lengths[0])
@@ -47,8 +49,9 @@ def make_inputs(cfg: Config, device: torch.device | str, seed: int = 0) -> Input
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32)
 
-    q = F.normalize(randn(B, T, cfg.hk, cfg.k_dim), dim=-1).to(dt)
-    k = F.normalize(randn(B, T, cfg.hk, cfg.k_dim), dim=-1).to(dt)
+    norm = (lambda x: x) if cfg.l2norm else (lambda x: F.normalize(x, dim=-1))
+    q = norm(randn(B, T, cfg.hk, cfg.k_dim)).to(dt)
+    k = norm(randn(B, T, cfg.hk, cfg.k_dim)).to(dt)
     v = randn(B, T, cfg.hv, cfg.v_dim).to(dt)
     g = F.logsigmoid(randn(B, T, cfg.hv)) / 16
     g[..., ::4] = 0
@@ -58,7 +61,7 @@ def make_inputs(cfg: Config, device: torch.device | str, seed: int = 0) -> Input
     if cfg.varlen:
         cu_cpu = torch.tensor([0, *_cumsum(cfg.lengths)], dtype=torch.int32)
         cu = cu_cpu.to(device)
-    inp = InputSet(q, k, v, g, beta, h0, cu, cu_cpu)
+    inp = InputSet(q, k, v, g, beta, h0, cu, cu_cpu, l2norm=cfg.l2norm)
     if cfg.mode == "fwdbwd":
         for x in inp.leaves:
             x.requires_grad_(True)

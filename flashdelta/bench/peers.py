@@ -88,7 +88,7 @@ class FlashDelta(Impl):
 
     def _kwargs(self, inp):
         return dict(initial_state=inp.h0, cu_seqlens=inp.cu_seqlens, cu_seqlens_cpu=inp.cu_seqlens_cpu,
-                    backend=self.backend)
+                    use_qk_l2norm_in_kernel=inp.l2norm, backend=self.backend)
 
     def __call__(self, inp):
         if self._path == "":
@@ -128,7 +128,7 @@ class FLATriton(Impl):
         if inp.cu_seqlens is not None:
             cu, cu_cpu = _long_offsets(inp)
         return self.fn(inp.q, inp.k, inp.v, inp.g, inp.beta, initial_state=inp.h0, output_final_state=True,
-                       cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)
+                       use_qk_l2norm_in_kernel=inp.l2norm, cu_seqlens=cu, cu_seqlens_cpu=cu_cpu)
 
     @contextlib.contextmanager
     def watch(self):
@@ -179,7 +179,7 @@ class FlashQLA(Impl):
 
     def __call__(self, inp):
         return self.fn(inp.q, inp.k, inp.v, inp.g, inp.beta, initial_state=inp.h0, output_final_state=True,
-                       cu_seqlens=inp.cu_seqlens)
+                       use_qk_l2norm_in_kernel=inp.l2norm, cu_seqlens=inp.cu_seqlens)
 
     description = "flash_qla.chunk_gated_delta_rule (auto_cp=True)"
 
@@ -209,7 +209,7 @@ class Naive(Impl):
 
     def __call__(self, inp):
         return self.fn(inp.q, inp.k, inp.v, inp.g, inp.beta, initial_state=inp.h0, output_final_state=True,
-                       cu_seqlens=inp.cu_seqlens)
+                       use_qk_l2norm_in_kernel=inp.l2norm, cu_seqlens=inp.cu_seqlens)
 
     description = "token loop, float64"
 

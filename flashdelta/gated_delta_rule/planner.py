@@ -33,8 +33,8 @@ SIMULATED_WAVES = 8                  # beyond this many CTAs per SM the makespan
 # Latency-model constants, microseconds on an H100, fitted (scripts/fit_planner.py: the smallest
 # total regret of the modelled choice against the best measured layout) to the forced layouts timed by
 #   python scripts/gpu_check.py --skip-peers --tune      (tune.json; NVIDIA H100 80GB HBM3, 2026-11-26)
-# Refit after each kernel change since (same command; latest on the recurrence with its output on the
-# consumers, 467245f): the same constants win every time and pick the best layout on all 28 shapes.
+# Refit after each kernel change since (same command; latest on 8ac5eb1, PDL launches and the faster
+# prep): the same constants win every time and pick the best layout on all 28 shapes.
 TUNING = {
     "ctas_per_sm": 1,              # fused forward CTAs resident per SM (shared memory / registers)
     "step_us": {128: 3.0, 64: 2.0},  # one chunk step of the fused forward, by V tile

@@ -1,0 +1,62 @@
+"""The public op inside a CUDA graph (needs a CUDA Hopper GPU; skipped elsewhere).
+
+Capture fails on any host-device synchronisation, and a replay that reuses per-call host work (plans,
+tables, offsets) wrongly would differ from an eager call: so this checks that repeated calls and
+graph capture do no host work that depends on the data.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashdelta import chunk_gated_delta_rule
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _draw(gen, B, T, H, HV, num_seqs):
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=DEV)
+    return dict(q=F.normalize(randn(B, T, H, 128), dim=-1).bfloat16(),
+                k=F.normalize(randn(B, T, H, 128), dim=-1).bfloat16(),
+                v=randn(B, T, HV, 128).bfloat16(),
+                g=F.logsigmoid(randn(B, T, HV)) / 16,
+                beta=torch.rand(B, T, HV, generator=gen, device=DEV).sigmoid(),
+                h0=randn(num_seqs, HV, 128, 128))
+
+
+@pytest.mark.parametrize("lens,varlen,context_parallel", [
+    ([8192] * 2, False, False),           # unsplit
+    ([8192], False, True),                # context parallel, one sequence
+    ([3000, 1100, 0, 64], True, True),    # context parallel over packed sequences, one of them empty
+])
+def test_replay_matches_eager(lens, varlen, context_parallel):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an SM90 (Hopper) GPU")
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
+    static = _draw(gen, B, T, 2, 8, len(lens))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV) if varlen else None
+
+    def run():
+        x = static
+        return chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+                                      output_final_state=True, cu_seqlens=cu, backend="tilelang",
+                                      context_parallel=context_parallel)
+
+    side = torch.cuda.Stream()                  # warm-up (plans, tables, kernels) off the capture stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph, ht_graph = run()
+
+    for x, fresh in zip(static.values(), _draw(gen, B, T, 2, 8, len(lens)).values()):
+        x.copy_(fresh)                          # new data in the captured buffers
+    graph.replay()
+    o, ht = run()
+    torch.cuda.synchronize()
+    assert torch.equal(o_graph, o) and torch.equal(ht_graph, ht)

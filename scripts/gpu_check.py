@@ -199,6 +199,10 @@ def bench(rows, peers=True):
                                                                False, v_tile=64),
             "ours(api)": lambda: ours_api(q, k, v, g, beta, scale=scale, initial_state=s0, output_final_state=True,
                                           cu_seqlens=cu, cu_seqlens_cpu=cu_cpu, backend="tilelang"),
+            # the in-kernel l2-norm's cost (q, k are unit rows already, so the outputs agree to rounding)
+            "ours(api,l2norm)": lambda: ours_api(q, k, v, g, beta, scale=scale, initial_state=s0,
+                                                 output_final_state=True, use_qk_l2norm_in_kernel=True,
+                                                 cu_seqlens=cu, cu_seqlens_cpu=cu_cpu, backend="tilelang"),
         }
         if name == few_ctas:
             for L in (None, 16, 32, 64):   # None: the planner's segment length

@@ -10,19 +10,18 @@ import torch.nn.functional as F
 
 from flashdelta import chunk_gated_delta_rule
 
+from helpers import make_inputs
+
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
 
 
-def _draw(gen, B, T, H, HV, num_seqs):
-    def randn(*shape):
-        return torch.randn(*shape, generator=gen, device=DEV)
-    return dict(q=F.normalize(randn(B, T, H, 128), dim=-1).bfloat16(),
-                k=F.normalize(randn(B, T, H, 128), dim=-1).bfloat16(),
-                v=randn(B, T, HV, 128).bfloat16(),
-                g=F.logsigmoid(randn(B, T, HV)) / 16,
-                beta=torch.rand(B, T, HV, generator=gen, device=DEV).sigmoid(),
-                h0=randn(num_seqs, HV, 128, 128))
+def _draw(gen, B, T, num_seqs):
+    """Fresh inputs on the GPU: q, k unit rows and bf16 like v; g, beta and h0 fp32."""
+    q, k, v, g, beta, h0 = make_inputs(B, T, 2, 8, 128, 128, num_seqs=num_seqs, generator=gen)
+    q = F.normalize(q, dim=-1)
+    return dict(q=q.to(DEV, torch.bfloat16), k=k.to(DEV, torch.bfloat16), v=v.to(DEV, torch.bfloat16),
+                g=g.to(DEV, torch.float32), beta=beta.to(DEV, torch.float32), h0=h0.to(DEV, torch.float32))
 
 
 @pytest.mark.parametrize("lens,varlen,context_parallel", [
@@ -33,9 +32,9 @@ def _draw(gen, B, T, H, HV, num_seqs):
 def test_replay_matches_eager(lens, varlen, context_parallel):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("needs an SM90 (Hopper) GPU")
-    gen = torch.Generator(device=DEV).manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
     B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
-    static = _draw(gen, B, T, 2, 8, len(lens))
+    static = _draw(gen, B, T, len(lens))
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV) if varlen else None
 
     def run():
@@ -54,7 +53,7 @@ def test_replay_matches_eager(lens, varlen, context_parallel):
     with torch.cuda.graph(graph):
         o_graph, ht_graph = run()
 
-    for x, fresh in zip(static.values(), _draw(gen, B, T, 2, 8, len(lens)).values()):
+    for x, fresh in zip(static.values(), _draw(gen, B, T, len(lens)).values()):
         x.copy_(fresh)                          # new data in the captured buffers
     graph.replay()
     o, ht = run()

@@ -50,7 +50,7 @@ from .chunk_matrices import COEFS
 
 CHUNK = 64
 ACC = "float32"
-AUX_THREADS = 128                       # one warpgroup: streams the tiles and computes the output
+AUX_THREADS = 128                       # one warpgroup: streams the tiles and forms each chunk's P
 
 
 def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256, warmup: bool = False,

@@ -12,7 +12,9 @@ import tilelang.language as T
 ACC = "float32"
 
 
-def segment_windows_kernel(chunk: int, threads: int = 128):
+def segment_windows_kernel(chunk: int, threads: int = 128, batch: int = 16):
+    """``batch`` chunks' statistics are loaded before any is used, so a walk waits on one load
+    latency per ``batch`` chunks instead of one per chunk (the walk was 13 us at 32 chunks)."""
     num_chunks, v_heads, rows = T.dynamic("num_chunks"), T.dynamic("v_heads"), T.dynamic("rows")
 
     @T.prim_func
@@ -29,15 +31,22 @@ def segment_windows_kernel(chunk: int, threads: int = 128):
             decay = T.alloc_var(ACC, init=0.0)
             broken = T.alloc_var(ACC, init=0.0)
             window = T.alloc_var("int32", init=0)          # chunks in the window; 0 = not reached
+            loaded = T.alloc_local((batch, 2), ACC)
             first, length = segments[j, 0], segments[j, 1]
             c0, count, used = segments[j, 2], segments[j, 3], segments[j, 4]
+            walk = count * used
             if h < v_heads:
-                for i in T.serial(count * used):
-                    if window == 0:
-                        decay += stats[c0 + count - 1 - i, h, 0]
-                        broken += stats[c0 + count - 1 - i, h, 1]
-                        if decay <= -tau:
-                            window = i + 1
+                for b in T.serial(T.ceildiv(walk, batch)):
+                    for u in T.unroll(batch):               # clamped: in range, unused past the walk
+                        back = T.max(c0 + count - 1 - b * batch - u, c0)
+                        loaded[u, 0] = stats[back, h, 0]
+                        loaded[u, 1] = stats[back, h, 1]
+                    for u in T.unroll(batch):
+                        if window == 0 and b * batch + u < walk:
+                            decay += loaded[u, 0]
+                            broken += loaded[u, 1]
+                            if decay <= -tau:
+                                window = b * batch + u + 1
                 truncate = window > 0 and broken == 0
                 skip = T.if_then_else(truncate, (count - window) * chunk, 0)
                 spans[j, h, 0] = first + skip

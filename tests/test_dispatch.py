@@ -33,7 +33,7 @@ def kernels(monkeypatch):
         return as_torch(*a, segment_chunks=plan.segment_chunks)
 
     monkeypatch.setattr(api, "_tilelang_unavailable", lambda *a: None)
-    monkeypatch.setattr(api, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(api, "sm_count", lambda device: 132)
     monkeypatch.setattr(hopper_fwd, "hopper_forward", lambda *a: fake_forward(*a[:-1], v_tile=a[-1]))
     monkeypatch.setattr(hopper_cp, "hopper_cp_forward", fake_cp)
     return calls

@@ -117,3 +117,21 @@ def test_more_sequences_than_one_launch(monkeypatch):
     hop = _hopper()
     monkeypatch.setattr(hop, "MAX_GRID_Z", 2)                # 5 sequences -> three launches
     _run([70, 0, 129, 64, 3], 2, 4, varlen=True, seed=12)
+
+
+@pytest.mark.parametrize("l2norm", [False, True])
+def test_prep_split_over_ctas_changes_nothing(l2norm):
+    """Every split of a GVA group over the preparation's CTAs writes bitwise the same Ag, factors and
+    statistics (a partial last chunk included)."""
+    hop = _hopper()
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    tokens, H, HV = 300, 2, 12
+    # unit-norm keys: beta |k|^2 <= 1, so the inverse stays finite without the in-kernel l2-norm too
+    q, k = (torch.nn.functional.normalize(torch.randn(tokens, H, 128, device="cuda", generator=gen), dim=-1)
+            .bfloat16() for _ in range(2))
+    g = torch.nn.functional.logsigmoid(torch.randn(tokens, HV, device="cuda", generator=gen)) / 16
+    beta = torch.rand(tokens, HV, device="cuda", generator=gen)
+    _, chunks = hop._tables((tokens,), None, q.device)
+    outs = [hop.prepare(q, k, g, beta, chunks, HV, 128 ** -0.5, l2norm, per) for per in (6, 3, 2, 1)]
+    for out in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(out, outs[0]))

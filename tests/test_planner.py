@@ -114,3 +114,25 @@ def test_makespan_counts_whole_waves():
 def test_one_wave_of_wide_tiles_beats_two_of_narrow():
     # 4 x 24 heads: 96 CTAs of V tile 128 fill one wave; V tile 64 makes 192, two waves on 132 SMs
     assert plan_forward((8192,) * 4, 24, 128, 132).v_tile == 128
+
+
+@pytest.mark.parametrize("num_chunks, hk, hv, want", [
+    (32, 2, 8, 1),       # 1 x 2048 tokens: 64 CTAs unsplit, 256 at one head each
+    (64, 2, 8, 1),       # 1 x 4096: 512 CTAs at one head
+    (128, 2, 8, 2),      # 1 x 8192: 512 CTAs at two heads; one head would make 1024
+    (512, 2, 8, 4),      # 1 x 32768: the whole group, 1024 CTAs
+    (128, 4, 16, 4),
+    (32, 16, 64, 4),
+    (128, 8, 24, 3),     # a group of 3: divisors only
+    (16, 8, 24, 1),
+    (4, 16, 16, 1),      # hk = hv: one head per CTA whatever the grid
+])
+def test_prep_splits_groups_only_to_fill_the_gpu(num_chunks, hk, hv, want):
+    per = planner.prep_heads_per_cta(num_chunks, hk, hv, 132)
+    assert per == want and (hv // hk) % per == 0
+
+
+def test_prep_split_follows_the_sm_count():
+    assert planner.prep_heads_per_cta(128, 2, 8, 132) == 2
+    assert planner.prep_heads_per_cta(128, 2, 8, 66) == 4
+    assert planner.prep_heads_per_cta(128, 2, 8, 264) == 1

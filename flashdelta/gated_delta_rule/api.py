@@ -9,7 +9,7 @@ import torch
 
 from .chunked import chunked_gated_delta_rule
 from .context_parallel import TRUNCATION_TAU
-from .inputs import validate
+from .inputs import sm_count, validate
 from .planner import Plan, plan_forward
 
 logger = logging.getLogger("flashdelta")
@@ -144,7 +144,7 @@ def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
         if reason is None and backend == "auto" and needs_grad:
             reason = "the TileLang backward is not implemented yet"
         if reason is None:
-            plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, _sm_count(q.device),
+            plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, sm_count(q.device),
                                 context_parallel)
             return problem, Route(True, plan, needs_grad)
         if backend == "tilelang":
@@ -192,11 +192,6 @@ def _tilelang_unavailable(q, v, problem) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _capability(index: int):
     return torch.cuda.get_device_capability(index)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _NoBackward(torch.autograd.Function):

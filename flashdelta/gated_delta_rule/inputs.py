@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import accumulate
 
 import torch
@@ -83,6 +84,12 @@ def sequence_starts(seq_lens: tuple[int, ...], batched_len: int | None) -> list[
     if batched_len is not None:
         return [n * batched_len for n in range(len(seq_lens))]
     return [0, *accumulate(seq_lens)][:-1]
+
+
+@lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (read from the device, as the planner's inputs)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def host_table(rows, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

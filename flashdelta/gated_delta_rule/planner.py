@@ -48,6 +48,13 @@ TUNING = {
     "auto_context_parallel": True,
 }
 
+# The per-chunk preparation splits a GVA group's value heads over CTAs until its grid has this many
+# CTAs per SM (4 are resident at once). From ``python scripts/tune_prep.py`` (every divisor of the
+# group timed on 18 shapes; NVIDIA H100 80GB HBM3, 2026-11-26): on every shape the fastest split was
+# the least one reaching 3.9 CTAs per SM, or the finest where none does; a split that doubled a grid
+# of 1.9 per SM was faster (up to 1.6x), one that doubled 3.9 per SM or more was 7-25% slower.
+PREP_MIN_CTAS_PER_SM = 3
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -149,3 +156,15 @@ def _segments(seq_lens, segment_chunks):
     span = segment_chunks * CHUNK
     return tuple((n, start, min(span, length - start))
                  for n, length in enumerate(seq_lens) for start in range(0, length, span))
+
+
+@lru_cache(maxsize=256)
+def prep_heads_per_cta(num_chunks: int, qk_heads: int, v_heads: int, sm_count: int) -> int:
+    """Value heads each CTA of the per-chunk preparation handles: the largest divisor of the GVA group
+    that still gives ``PREP_MIN_CTAS_PER_SM`` CTAs per SM, else 1. A CTA forms its chunk's K K^T once
+    and then loops over its heads, so splitting a group repeats that work; it pays only where the
+    launch is too small to fill the GPU (one sequence of a few thousand tokens, few heads)."""
+    group = v_heads // qk_heads
+    target = PREP_MIN_CTAS_PER_SM * sm_count
+    return next((per for per in range(group, 0, -1)
+                 if group % per == 0 and num_chunks * (v_heads // per) >= target), 1)

@@ -1,8 +1,9 @@
 """Per-chunk preparation kernel: everything about a 64-token chunk that does not depend on the state.
 
-One CTA per (chunk, q/k head), all chunks of all sequences at once: k is loaded and K K^T formed
-once, then the CTA loops over the value heads of its GVA group (only beta and g differ). For chunk
-rows i, j (valid rows only, DESIGN section 2) it writes:
+One CTA per (chunk, ``heads_per_cta`` value heads of one GVA group), all chunks of all sequences at
+once: k is loaded and K K^T formed once, then the CTA loops over its value heads (only beta and g
+differ). The whole group per CTA unless the grid would leave SMs idle (``planner.prep_heads_per_cta``).
+For chunk rows i, j (valid rows only, DESIGN section 2) it writes:
 
 - ``ag[t, h, :]``  = row i of ``Ag = (Gamma * A0) diag(beta)`` with ``A0 = (I + StrictLower(diag(beta) K K^T))^-1``
 - ``coef[h, t, :]`` = (e^g_i rk_i, e^g_i sq_i, e^(g_C - g_i) rk_i, e^g_C, g_i log2(e), sq_i, rk_i, 0), g = gate
@@ -68,20 +69,21 @@ def chunk_matrices_kernel(K: int, dtype: str):
         stats: T.Tensor((num_chunks, v_heads, 2), ACC),
         scale: T.float32,
         l2norm: T.int32,
+        heads_per_cta: T.int32,                            # divides the GVA group
     ):
-        # 1-D grid (no 65535 limit), q/k heads fastest: neighbouring CTAs read neighbouring q / k rows
-        with T.Kernel(num_chunks * qk_heads, threads=128) as (cta,):
+        # heads fastest: neighbouring CTAs read neighbouring q / k rows; no index is decoded by a
+        # division (a dynamic divisor costs a chain of instructions before k's load can be issued).
+        # At most 65535 chunks a launch (``forward.prepare`` launches longer tables in pieces).
+        group = v_heads // qk_heads
+        with T.Kernel(group // heads_per_cta, qk_heads, num_chunks, threads=128) as (part, hk, c):
             T.pdl_sync()        # launched early (PDL): the previous kernel's writes are visible from here
-            hk = cta % qk_heads
-            c = cta // qk_heads
-            group = v_heads // qk_heads
             t0 = chunks[c, 0]
             n = chunks[c, 1]
             tx = T.get_thread_binding()
             # head numbers held in registers: as expressions, their divisions were redone at every store
-            heads = T.alloc_local((2,), "int32")    # first value head of the group, the group's last
-            heads[0] = hk * group
-            heads[1] = heads[0] + group - 1
+            heads = T.alloc_local((2,), "int32")    # this CTA's first value head, its last
+            heads[0] = hk * group + part * heads_per_cta
+            heads[1] = heads[0] + heads_per_cta - 1
             T.annotate_min_blocks_per_sm(4)         # 34 KB of shared memory; 4 CTAs per SM at <= 128 registers
 
             k_s = T.alloc_shared((C, K), dtype)
@@ -155,7 +157,7 @@ def chunk_matrices_kernel(K: int, dtype: str):
                     kd[i, j % B] = T.if_then_else(i != j, kk[i, j], 0.0)
 
             # g and beta of a head are loaded one head ahead, their latency hidden behind the previous head
-            for r in T.serial(group):
+            for r in T.serial(heads_per_cta):
                 h = heads[0] + r
                 if tx < C:
                     gam[row] = gb[0]

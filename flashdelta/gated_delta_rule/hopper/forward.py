@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import tilelang
 import torch
 
-from ..inputs import host_table, sequence_starts
+from ..inputs import host_table, sequence_starts, sm_count
+from ..planner import prep_heads_per_cta
 from .chunk_matrices import CHUNK, COEFS, chunk_matrices_kernel
 from .chunk_recurrence import chunk_recurrence_kernel
 
@@ -127,17 +128,22 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
     return o, _final(ht, N, HV, K, V, state_v_first)
 
 
-def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool):
+def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool, heads_per_cta: int | None = None):
     """Kernel 1 on flat [tokens, heads, dim] inputs: ag [tokens, HV, 64] and the row factors
     coef [HV, tokens, 8] for every chunk and value head, and the per-chunk statistics [num_chunks, HV, 2]
-    context parallelism's truncation test reads."""
+    context parallelism's truncation test reads. ``heads_per_cta`` (a divisor of the GVA group):
+    value heads per CTA; None = the planner's choice for this grid."""
     tokens = q.shape[0]
+    if heads_per_cta is None:
+        heads_per_cta = prep_heads_per_cta(chunks.shape[0], q.shape[1], HV, sm_count(q.device))
     ag = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=q.device)
     coef = torch.empty(HV, tokens, COEFS, dtype=torch.float32, device=q.device)
     stats = torch.empty(chunks.shape[0], HV, 2, dtype=torch.float32, device=q.device)
-    matrices_kernel(DTYPES[q.dtype])(q, k, g.to(torch.float32).contiguous().view(tokens, HV),
-                                     beta.to(torch.float32).contiguous().view(tokens, HV), chunks, ag, coef,
-                                     stats, float(scale), int(bool(l2norm)))
+    kernel = matrices_kernel(DTYPES[q.dtype])
+    g, beta = (x.to(torch.float32).contiguous().view(tokens, HV) for x in (g, beta))
+    for s in range(0, chunks.shape[0], MAX_GRID_Z):      # the grid's z extent is at most 65535
+        kernel(q, k, g, beta, chunks[s:s + MAX_GRID_Z], ag, coef, stats[s:s + MAX_GRID_Z], float(scale),
+               int(bool(l2norm)), heads_per_cta)
     return ag, coef, stats
 
 

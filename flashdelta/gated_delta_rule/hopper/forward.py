@@ -136,6 +136,7 @@ def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool, heads_pe
     tokens = q.shape[0]
     if heads_per_cta is None:
         heads_per_cta = prep_heads_per_cta(chunks.shape[0], q.shape[1], HV, sm_count(q.device))
+    assert (HV // q.shape[1]) % heads_per_cta == 0, "heads_per_cta must divide the GVA group"
     ag = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=q.device)
     coef = torch.empty(HV, tokens, COEFS, dtype=torch.float32, device=q.device)
     stats = torch.empty(chunks.shape[0], HV, 2, dtype=torch.float32, device=q.device)

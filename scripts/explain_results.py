@@ -24,7 +24,14 @@ token against tau = 12), the scan's state reads and writes, and the output pass'
 import argparse
 import json
 import math
+import os
 import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flashdelta.bench import report  # noqa: E402
 
 CHUNK = 64
 STATE = 128 * 128 * 4              # one fp32 K x V state
@@ -62,7 +69,7 @@ def segment_chunks_of(path: str) -> int | None:
 def rows(paths: list[str]):
     merged, rate = {}, None
     for path in paths:
-        record = json.load(open(path))
+        record = json.loads(Path(path).read_text())
         rate = record["rates"]["bandwidth"]                      # bytes / s, read + written
         for result in record["results"]:
             merged[result["label"]] = result
@@ -95,11 +102,7 @@ def main():
         short = f"CP L={L}" if L else "unsplit"
         lines.append(f"| {label} | {short} | {ours:.3f} | {fq / ours:.2f} | {target:.3f} | {moved / 1e6:.0f} "
                      f"| {at_rate:.3f} | {100 * at_rate / ours:.0f}% | {100 * at_rate / target:.0f}% | {kind} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report.emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from flashdelta.bench import timing  # noqa: E402
 from flashdelta.bench.configs import Config  # noqa: E402
 from flashdelta.bench.inputs import make_inputs  # noqa: E402
 from flashdelta.gated_delta_rule.hopper import forward as hopper  # noqa: E402
+from flashdelta.gated_delta_rule.inputs import sm_count  # noqa: E402
 from flashdelta.gated_delta_rule.naive import naive_gated_delta_rule  # noqa: E402
 
 OUT = os.environ.get("OUT", "bench-out")
@@ -148,7 +149,7 @@ def cp_parts(lens, H, HV, varlen, flat, mats, stats, o_buf):
     from flashdelta.gated_delta_rule.planner import plan_forward
 
     dev = flat[0].device
-    plan = plan_forward(tuple(lens), HV, 128, torch.cuda.get_device_properties(dev).multi_processor_count, True)
+    plan = plan_forward(tuple(lens), HV, 128, sm_count(dev), True)
     table = SegmentTable.build(plan, tuple(lens), None if varlen else lens[0], dev)
     S = table.spans.shape[0] - 1
     ag, coef = mats
@@ -270,7 +271,7 @@ def tune(path):
     from flashdelta.gated_delta_rule.hopper.context_parallel import hopper_cp_forward
     from flashdelta.gated_delta_rule.planner import Plan, _segments, plan_forward
 
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = sm_count(torch.device("cuda"))
     heads = [(2, 8), (4, 16), (8, 32), (16, 64)]
     lengths = [[32768], [8192], [2048], [28672, 4096], [1024, 7168], [2048] * 4, [8192] * 4]
     results = {}

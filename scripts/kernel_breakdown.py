@@ -17,7 +17,7 @@ os.environ["FLA_FLASH_QLA"] = "0"
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from flashdelta.bench import peers  # noqa: E402
+from flashdelta.bench import peers, report  # noqa: E402
 from flashdelta.bench.configs import Config, parse_lengths  # noqa: E402
 from flashdelta.bench.inputs import make_inputs  # noqa: E402
 
@@ -66,11 +66,7 @@ def main():
             times = kernel_times(impl, inp, args.reps)
             lines.append(f"== {cfg.label}  {impl.name}: {sum(times.values()):8.1f} us in {len(times)} kernels")
             lines += [f"   {us:8.1f}  {name}" for name, us in times.items() if us >= 0.5]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    report.emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from flashdelta.bench import report, timing  # noqa: E402
 from flashdelta.gated_delta_rule.hopper import forward as hopper  # noqa: E402
 from flashdelta.gated_delta_rule.inputs import sm_count  # noqa: E402
 from flashdelta.gated_delta_rule.planner import prep_heads_per_cta  # noqa: E402
@@ -26,22 +27,12 @@ SHAPES = [(1, 2048, 2, 8), (1, 4096, 2, 8), (1, 8192, 2, 8), (4, 2048, 2, 8), (8
           (8, 1024, 16, 32)]
 
 
-def graph_us(run, reps: int = 10) -> float:
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            run()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(11):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / reps)
-    return sorted(times)[5]
+BUDGET = timing.Budget(seconds=0.1, min_reps=20)
+
+
+def graph_us(run) -> float:
+    """Median µs by CUDA-graph replay: the benchmark tool's timer."""
+    return timing.graph(lambda _: run(), 1, BUDGET).median_ms * 1e3
 
 
 def main():
@@ -71,10 +62,7 @@ def main():
             ctas = chunks.shape[0] * HV // per / sms
             cells.append(f"{'*' if per == pick else ' '}{per}: {times[0]:6.1f} / {times[1]:6.1f} ({ctas:5.1f}/SM)")
         lines.append(f"{B}x{T} h{H}/{HV}  " + "  ".join(cells))
-        print(lines[-1], flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    report.emit("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,13 @@ def notes(record: dict) -> list[str]:
     return out
 
 
+def emit(text: str, out: str | None) -> None:
+    """Print a script's table and, when ``out`` names a file, save it there too."""
+    print(text)
+    if out:
+        Path(out).write_text(text + "\n")
+
+
 def write_json(record: dict, path: Path) -> None:
     full = dict(record, results=[dict(r, **derived(r)) for r in record["results"]])
     path.write_text(json.dumps(full, indent=1, default=str) + "\n")

@@ -191,3 +191,38 @@ def test_kernel_outputs_refuse_backward_until_it_exists():
     assert s is None and o.requires_grad
     with pytest.raises(NotImplementedError, match="TileLang backward"):
         o.sum().backward()
+
+
+def test_varlen_under_inference_mode():
+    a = args(B=1, T=300, num_seqs=2)
+    expected, s_expected = chunk_gated_delta_rule(**a, cu_seqlens=torch.tensor([0, 100, 300]), output_final_state=True)
+    with torch.inference_mode():
+        cu = torch.tensor([0, 100, 300])
+        assert cu.is_inference()
+        o, s = chunk_gated_delta_rule(**a, cu_seqlens=cu, output_final_state=True)
+        assert torch.equal(o, expected) and torch.equal(s, s_expected)
+        cu[1] = 150           # no version counter to see this: inference tensors are read every call
+        assert inputs_mod.sequence_lengths(cu) == (150, 150)
+        assert id(cu) not in inputs_mod._lengths_cache
+
+
+def test_lengths_cache_survives_id_reuse():
+    cu = torch.tensor([0, 3, 9])
+    assert inputs_mod.sequence_lengths(cu) == (3, 6)
+    key = id(cu)
+    del cu
+    for _ in range(1000):     # CPython usually hands the freed object's id to the next allocation
+        other = torch.tensor([0, 5, 9])
+        if id(other) == key:
+            break
+    assert inputs_mod.sequence_lengths(other) == (5, 4)
+
+
+def test_lengths_cache_sees_in_place_change_through_a_view():
+    cu = torch.tensor([0, 3, 9])
+    assert inputs_mod.sequence_lengths(cu) == (3, 6)
+    cu[1:].add_(1)
+    assert inputs_mod.sequence_lengths(cu) == (4, 6)
+    with torch.inference_mode():          # a normal tensor changed under inference mode still counts
+        cu[2] = 12
+    assert inputs_mod.sequence_lengths(cu) == (4, 8)

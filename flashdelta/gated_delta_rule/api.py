@@ -46,7 +46,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         cu_seqlens: ``[N + 1]`` int32/int64 offsets of independent sequences packed in T (B must be 1);
             segments may be empty. Its values must be known on the host: pass ``cu_seqlens_cpu`` to
             avoid any synchronisation; otherwise the offsets are copied to the host once per
-            ``cu_seqlens`` tensor and cached (the only host-device synchronisation of this call).
+            ``cu_seqlens`` tensor and cached (the only host-device synchronisation of this call), or
+            on every call for an inference tensor, which has no version counter to tell a change.
         state_v_first: state layout ``[.., V, K]`` instead of ``[.., K, V]``.
         backend: ``"auto"`` (TileLang kernels on Hopper when they apply, else PyTorch), ``"tilelang"``
             or ``"torch"`` (exact chunked PyTorch; differentiable on every device).

@@ -51,20 +51,25 @@ def _check_tensor(name: str, x, ndim: int, dtypes=FLOAT_DTYPES) -> None:
         raise _fail(name, f"a {ndim}-D tensor", f"shape {tuple(x.shape)}")
 
 
-# Lengths read from a device cu_seqlens are cached per tensor object (and its version counter), so
+# Lengths read from a device cu_seqlens are cached per tensor object and its version counter, so
 # repeated calls with the same cu_seqlens -- the normal case inside a model -- synchronise once.
-# Keyed by id() with a weak reference: tensors compare elementwise, so they cannot be dict keys.
+# Keyed by id() with a weak reference that must still resolve to the same object (a freed tensor's id
+# can be reused by a new one): tensors compare elementwise, so they cannot be dict keys themselves.
 _lengths_cache: dict[int, tuple[weakref.ref, int, tuple[int, ...]]] = {}
 
 
 def sequence_lengths(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None = None) -> tuple[int, ...]:
     """Per-sequence lengths on the host.
 
-    Uses ``cu_seqlens_cpu`` when given (no synchronisation). Otherwise reads ``cu_seqlens`` once --
-    one device-to-host copy for a CUDA tensor -- and caches the result for that tensor.
+    Uses ``cu_seqlens_cpu`` when given (no synchronisation). Otherwise reads ``cu_seqlens`` -- one
+    device-to-host copy for a CUDA tensor -- and caches the result for that tensor while its version
+    counter says it was not modified in place. Inference tensors (made under ``torch.inference_mode``)
+    have no version counter, so an in-place change could not be seen: they are read on every call.
     """
     if cu_seqlens_cpu is not None:
         return _diff(cu_seqlens_cpu.tolist())
+    if cu_seqlens.is_inference():
+        return _diff(cu_seqlens.tolist())
     key = id(cu_seqlens)
     hit = _lengths_cache.get(key)
     if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:

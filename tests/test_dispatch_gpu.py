@@ -32,7 +32,7 @@ def test_inference_without_grad_runs_the_kernels():
 
 def test_auto_falls_back_to_torch_for_gradients():
     xs = inputs(requires_grad=True)
-    assert flashdelta.explain(*xs[:5], initial_state=xs[5]) == "torch (the TileLang backward is not implemented yet)"
+    assert flashdelta.explain(*xs[:5], initial_state=xs[5]) == "torch (the TileLang backward is not implemented yet); autograd"
     o, s = call(xs)
     (o.float().sum() + s.sum()).backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xs)

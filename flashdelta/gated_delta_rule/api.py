@@ -65,8 +65,22 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         inputs) or None.
     """
     state_v_first = _state_v_first(state_v_first, kwargs)
+    if torch.compiler.is_compiling():
+        # Traced as one opaque op with a shape-only fake: lengths, plans and launches stay out of the graph.
+        from .custom_op import compiled_call
+        check_options(backend, context_parallel, kwargs)
+        return compiled_call(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                             cu_seqlens, kwargs.get("cu_seqlens_cpu"), state_v_first, backend, context_parallel)
+    return run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
+               state_v_first, backend, context_parallel, kwargs)
+
+
+def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
+        state_v_first, backend, context_parallel, kwargs, needs_grad=None):
+    """The eager call. ``needs_grad``: whether the caller differentiates the result (None: from the
+    grad mode and the inputs; the compiled op passes what it saw while tracing)."""
     problem, route = _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
-                             context_parallel, kwargs)
+                             context_parallel, kwargs, needs_grad)
     scale = problem.k_dim ** -0.5 if scale is None else float(scale)
     args = (q, k, v, g, beta, scale, initial_state, bool(output_final_state), bool(use_qk_l2norm_in_kernel))
     batched = cu_seqlens is None
@@ -91,7 +105,9 @@ def explain(q, k, v, g, beta, initial_state=None, cu_seqlens=None, state_v_first
     """Which path ``chunk_gated_delta_rule`` takes for these arguments, and why (host work only).
 
     E.g. ``"tilelang, unsplit, V tile 128"``, ``"tilelang, context parallel: 16 segments of 32
-    chunks, V tile 128"`` or ``"torch (tensors are on cpu, ...)"``.
+    chunks, V tile 128"`` or ``"torch (tensors are on cpu, ...)"``; ``"; autograd"`` is added where
+    the call will be differentiated (grad mode on and an input requiring grad), which ``no_grad`` and
+    ``inference_mode`` turn off, as they do for the call itself.
     """
     state_v_first = _state_v_first(state_v_first, kwargs)
     kwargs = {n: x for n, x in kwargs.items() if n not in ("scale", "output_final_state", "use_qk_l2norm_in_kernel")}
@@ -110,8 +126,9 @@ class Route:
 
     def __str__(self):
         if self.kernels:
-            return "tilelang, " + _describe_plan(self.plan)
-        return f"torch ({self.reason})" + (", " + _describe_plan(self.plan) if self.plan else "")
+            return "tilelang, " + _describe_plan(self.plan) + ("; no backward yet" if self.needs_grad else "")
+        return (f"torch ({self.reason})" + (", " + _describe_plan(self.plan) if self.plan else "")
+                + ("; autograd" if self.needs_grad else ""))
 
 
 def _describe_plan(plan: Plan) -> str:
@@ -127,17 +144,13 @@ def _state_v_first(state_v_first, kwargs) -> bool:
     return bool(state_v_first)
 
 
-def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend, context_parallel, kwargs):
+def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend, context_parallel, kwargs,
+            needs_grad=None):
     """Validate everything and choose the path: (problem, Route). Raises on bad arguments."""
-    _check_kwargs(kwargs)
-    if backend not in BACKENDS:
-        raise ValueError(f"`backend`: expected one of {BACKENDS}, got {backend!r}")
-    if not (context_parallel is None or isinstance(context_parallel, bool)
-            or (isinstance(context_parallel, int) and context_parallel >= 1)):
-        raise ValueError(f"`context_parallel`: expected None, a bool or a positive int, got {context_parallel!r}")
+    check_options(backend, context_parallel, kwargs)
     problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, kwargs.get("cu_seqlens_cpu"), state_v_first)
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, g, beta, initial_state))
+    if needs_grad is None:
+        needs_grad = grad_needed(q, k, v, g, beta, initial_state)
 
     reason = "backend='torch'"
     if backend != "torch":
@@ -160,7 +173,18 @@ def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
     return problem, Route(False, plan, needs_grad, reason)
 
 
-def _check_kwargs(kwargs):
+def grad_needed(*inputs) -> bool:
+    """Whether autograd will differentiate through a call on these inputs."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+
+
+def check_options(backend, context_parallel, kwargs):
+    """The arguments that are not tensors: raise on a value this call cannot honour."""
+    if backend not in BACKENDS:
+        raise ValueError(f"`backend`: expected one of {BACKENDS}, got {backend!r}")
+    if not (context_parallel is None or isinstance(context_parallel, bool)
+            or (isinstance(context_parallel, int) and context_parallel >= 1)):
+        raise ValueError(f"`context_parallel`: expected None, a bool or a positive int, got {context_parallel!r}")
     for name, noop in _UNSUPPORTED.items():
         if name in kwargs and kwargs[name] is not noop and kwargs[name] != noop:
             raise NotImplementedError(f"`{name}={kwargs[name]!r}` is not supported by flashdelta yet")

@@ -125,6 +125,19 @@ def test_rel_rms_and_flags():
     assert check.flagged(errs) == ["ht", "dg", "dk"]
 
 
+def test_judged_against_float64_where_it_ran_else_against_ours():
+    truth = {"o": torch.ones(100), "ht": torch.ones(10)}
+    near = lambda e: {"o": truth["o"] * (1 + e), "ht": truth["ht"]}
+    checks = check.judge({"flashdelta": near(0.004), "FLA": near(0.006), "naive-fp64": truth}, "flashdelta")
+    assert set(checks) == {"flashdelta", "FLA"} and checks["FLA"]["against"] == "naive-fp64"
+    assert checks["flashdelta"]["flagged"] == [] and checks["FLA"]["flagged"] == ["o"]
+    checks = check.judge({"flashdelta": near(0.004), "FLA": near(-0.002), "FlashQLA": near(-0.008)}, "flashdelta")
+    assert set(checks) == {"FLA", "FlashQLA"} and checks["FLA"]["against"] == "flashdelta"
+    assert checks["FLA"]["flagged"] == [] and checks["FlashQLA"]["flagged"] == ["o"]     # the bar: 0.005 + 0.005
+    assert report._check({"checks": checks}).startswith("vs ours: FLA ok 6.0e-03; FlashQLA MISMATCH o 1.2e-02>0.01")
+    assert check.judge({"FLA": near(0.0)}, "flashdelta") == {}                           # nothing to judge by
+
+
 def test_requested_peers():
     assert peers.requested("fla, FlashQLA") == {"fla", "flashqla"} and peers.requested("none") == set()
     with pytest.raises(ValueError, match="triton"):
@@ -187,7 +200,7 @@ def test_report_formatting(tmp_path):
     md = report.markdown(record)
     row = next(line for line in md.splitlines() if line.startswith("| 1x32768"))
     for piece in ("0.200 / 0.250", "5.00x / 4.80x", "1.50x / 2.40x", "0.100 (mem)", "0.5 (graph)",
-                  "FLA ok 2.0e-03", "FlashQLA MISMATCH o 9.0e-03>0.005"):
+                  "vs ours: FLA ok 2.0e-03", "FlashQLA MISMATCH o 9.0e-03>0.01", "1.25"):
         assert piece in row
     row2 = next(line for line in md.splitlines() if line.startswith("| 4096+4096"))
     assert "FAILED" in row2 and "skip" in row2
@@ -229,7 +242,7 @@ def test_quick_preset_end_to_end_on_cpu(tmp_path, capsys):
         ours = r["impls"]["flashdelta"]
         assert ours["status"] == "ok" and ours["path"].startswith("torch") and ours["eager"]["median_ms"] > 0
         assert "graph" not in ours and r["floor"]["ms"] > 0
-        assert r["checks"]["naive-fp64"]["flagged"] == []
+        assert r["checks"]["flashdelta"]["flagged"] == [] and r["checks"]["flashdelta"]["against"] == "naive-fp64"
         assert math.isfinite(r["fraction_of_floor"]["eager"])
     assert (tmp_path / "cpu-fwd.md").read_text().count("\n| ") == 1 + len(configs.QUICK)
     assert (tmp_path / "cpu-fwd.png").exists() or "plot skipped" in out
@@ -242,8 +255,8 @@ def test_fwdbwd_end_to_end_on_cpu(tmp_path, l2norm):
     assert cli.main(argv) == 0
     r = json.loads((tmp_path / "tiny.json").read_text())["results"][0]
     assert r["config"]["l2norm"] == l2norm and r["label"].endswith(" l2norm") == l2norm
-    errors = r["checks"]["naive-fp64"]["errors"]
-    assert set(errors) == {"o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0"} and not r["checks"]["naive-fp64"]["flagged"]
+    errors = r["checks"]["flashdelta"]["errors"]
+    assert set(errors) == {"o", "ht", "dq", "dk", "dv", "dg", "dbeta", "dh0"} and not r["checks"]["flashdelta"]["flagged"]
     assert r["impls"]["flashdelta"]["eager"]["reps"] == 2
 
 
@@ -321,6 +334,9 @@ def test_cuda_timers_with_fake_device(monkeypatch):
     assert t.median_ms == 2.0 and t.reps == 50 and set(calls) == {0, 1, 2}
     t = timing.graph(fn, 3, timing.Budget(0.0, 7, 7))
     assert t.median_ms == pytest.approx(2.0) and t.reps == 7          # per call: replay time / sets
+
+    t = timing.host(fn, 3, timing.Budget(0.0, 4, 4))
+    assert t.reps == 4 and t.median_ms < 1.0            # host wall time, not the fake device's 2 ms
 
     def capture_fails(g):           # e.g. a host sync inside the captured call
         raise RuntimeError("operation not permitted when stream is capturing")

@@ -25,7 +25,10 @@ from . import configs
 TIMING_NOTES = {
     "cuda": "timing: median over many runs; graph = CUDA-graph replay (kernel time), eager = one call on an "
             "idle GPU timed with CUDA events (host work included); inputs rotated over several sets when one "
-            "fits in L2; first call = wall time of the first call of each configuration (compilation included)",
+            "fits in L2; first call = wall time of the first call of each configuration (compilation included); "
+            "host us = wall time per call of back-to-back calls synchronised once per 32 (the launch queue never "
+            "fills, so it is the host's own cost per call); ours eager/graph = what the host path adds to an "
+            "idle-GPU call",
     "cpu": "timing: no CUDA device, so flashdelta's PyTorch path on CPU, eager wall-clock medians of a few "
            "runs; GPU peers skipped",
 }
@@ -260,9 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         progress.start(cfg.label)
         result = measure_config(cfg, impls, device, rates, budget, use_graph=record["settings"]["graph"])
         record["results"].append(result)
-        for peer, check in result["checks"].items():
+        for name, check in result["checks"].items():
             if check["flagged"]:
-                progress.write(f"MISMATCH {cfg.label}: flashdelta vs {peer}: "
+                progress.write(f"MISMATCH {cfg.label}: {name} vs {check['against']}: "
                                + ", ".join(f"{n} {check['errors'][n]:.2e}" for n in check["flagged"]))
         # Written after every configuration, so a run cut short still leaves its numbers.
         report.write_json(record, paths["json"])

@@ -6,7 +6,7 @@ import dataclasses
 import torch
 
 from . import timing
-from .check import compare, flagged
+from .check import judge
 from .configs import Config
 from .inputs import make_inputs, num_sets
 from .peers import Impl, run
@@ -41,12 +41,8 @@ def measure_config(cfg: Config, impls: list[Impl], device: torch.device, rates: 
             entry.update(status="failed", reason=describe(err))
             _recover(cuda)
 
-    ours = outputs.pop(impls[0].name, None)
-    if ours is not None:
-        for name, theirs in outputs.items():
-            errors = compare(ours, theirs)
-            result["checks"][name] = {"errors": errors, "flagged": flagged(errors)}
-    del ours, outputs
+    result["checks"] = judge(outputs, impls[0].name)
+    del outputs
 
     for impl in impls:
         entry = result["impls"][impl.name]
@@ -59,6 +55,8 @@ def measure_config(cfg: Config, impls: list[Impl], device: torch.device, rates: 
             entry.update(status="failed", reason=f"timing: {describe(err)}")
             _recover(cuda)
             continue
+        if cuda:
+            entry["host"] = timing.host(call, n, budget).to_json()
         if cuda and use_graph:
             try:
                 entry["graph"] = timing.graph(call, n, budget).to_json()

@@ -3,6 +3,9 @@
 - graph: the calls over all sets captured once in a CUDA graph and replayed: kernel time, no host work.
 - eager: one call started on an idle GPU, timed with CUDA events: the host work (planning, launches,
   syncs) is included because the GPU waits for it -- the latency a user sees.
+- host: wall clock per call of back-to-back calls on a GPU, synchronised once per round of a few dozen:
+  the launch queue never fills, so the loop runs at the host's pace whatever the kernels take. This
+  is the host time a call costs its caller (an implementation that synchronises inside pays the wait).
 - cpu: wall clock per call.
 """
 from __future__ import annotations
@@ -61,6 +64,26 @@ def cpu(fn, n_sets: int, budget: Budget) -> Timing:
         samples.append((time.perf_counter() - start) * 1e3)
         if reps is None:
             reps = budget.reps(samples[0] * 1e-3)
+    return summarize(samples)
+
+
+HOST_ROUND = 32          # calls per round: a few launches each stays far inside the GPU's launch queue
+
+
+def host(fn, n_sets: int, budget: Budget) -> Timing:
+    for i in range(n_sets):
+        fn(i)
+    torch.cuda.synchronize()
+    samples = []
+    reps = None
+    while reps is None or len(samples) < reps:
+        start = time.perf_counter()
+        for j in range(HOST_ROUND):
+            fn(j % n_sets)
+        samples.append((time.perf_counter() - start) * 1e3 / HOST_ROUND)
+        torch.cuda.synchronize()
+        if reps is None:                           # the round's whole time, the GPU's included
+            reps = budget.reps(time.perf_counter() - start)
     return summarize(samples)
 
 

@@ -4,7 +4,7 @@ Per configuration:
 - host us/call: wall time of back-to-back calls with one sync at the end (few enough that the launch
   queue never fills, so the loop runs at the host's pace, not the GPU's);
 - the same for the pieces of the call: validation and planning (``api._decide``), the allocations,
-  one TileLang launch through its adapter and through the executable underneath it;
+  one TileLang launch through its adapter and through the entry point underneath it (``forward.entry``);
 - a cProfile of many calls (top functions by own time) into ``--out``.
 
     python scripts/host_profile.py --out $OUT/host
@@ -75,14 +75,15 @@ def profile_config(cfg, out: Path) -> dict:
 def launch_costs(x) -> dict:
     """One segment_windows launch (the smallest kernel) through TileLang's adapter and directly."""
     from flashdelta.gated_delta_rule.hopper.context_parallel import windows_kernel
+    from flashdelta.gated_delta_rule.hopper.forward import entry
     kernel = windows_kernel()
     stats = torch.zeros(4, 8, 2, device="cuda")
     segments = torch.zeros(2, 5, dtype=torch.int32, device="cuda")     # two unused segments: a no-op launch
     spans = torch.empty(2, 8, 4, dtype=torch.int32, device="cuda")
     keep = torch.empty(2, 8, device="cuda")
-    executable = kernel.adapter._get_executable()
+    direct = entry(kernel)
     return {"launch (adapter)": per_call_us(lambda: kernel(stats, segments, spans, keep, 12.0)),
-            "launch (executable)": per_call_us(lambda: executable(stats, segments, spans, keep, 12.0))}
+            "launch (entry)": per_call_us(lambda: direct(stats, segments, spans, keep, 12.0))}
 
 
 def main():

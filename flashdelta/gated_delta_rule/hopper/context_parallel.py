@@ -17,7 +17,7 @@ import torch
 
 from ..context_parallel import TRUNCATION_TAU
 from ..segments import SegmentTable
-from .forward import CHUNK, DTYPES, _compile, _tables, prepare, ready, recur, warmup
+from .forward import CHUNK, DTYPES, _compile, _tables, entry, on_device, prepare, ready, recur, warmup
 from .segment_scan import segment_scan_kernel
 from .segment_windows import segment_windows_kernel
 
@@ -39,7 +39,7 @@ def segment_windows(stats, table: SegmentTable, tau: float):
     rows, HV = table.segments.shape[0], stats.shape[1]
     spans = torch.empty(rows, HV, 4, dtype=torch.int32, device=stats.device)
     keep = torch.empty(rows, HV, dtype=torch.float32, device=stats.device)
-    windows_kernel()(stats, table.segments, spans, keep, float(tau))
+    entry(windows_kernel())(stats, table.segments, spans, keep, float(tau))
     return spans, keep
 
 
@@ -63,14 +63,14 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
     h0 = torch.zeros(N, HV, K, V, dtype=torch.float32, device=dev) if initial_state is None else \
         (initial_state.transpose(-1, -2) if state_v_first else initial_state).to(torch.float32).contiguous()
 
-    with torch.cuda.device(dev):
+    with on_device(dev):
         ag, coef, stats = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
         spans, keep = segment_windows(stats, table, tau)
         ends = torch.empty(2 * (S + 1), HV, K * V, dtype=torch.float32, device=dev)
         warmup(qf, kf, vf, ag, coef, spans, ends, plan.v_tile)
         starts = torch.empty(S + 1, HV, K, V, dtype=torch.float32, device=dev)
-        scan_kernel(K)(ends[S + 1:].view(S + 1, HV, K, K), ends[:S + 1].view(S + 1, HV, K, V), keep, h0,
-                       table.order, starts)
+        entry(scan_kernel(K))(ends[S + 1:].view(S + 1, HV, K, K), ends[:S + 1].view(S + 1, HV, K, V), keep, h0,
+                              table.order, starts)
         # each sequence's final state is its last segment's, written in place by the output pass
         final = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev) if output_final_state else None
         recur(qf, kf, vf, ag, coef, table.spans, starts.view(S + 1, HV, K * V), of,

@@ -6,6 +6,7 @@ Batched inputs are treated as B sequences packed back to back, so both cases sha
 kernels. Lengths and head counts are dynamic: kernels compile once per (dtype, V tile, variant); the
 tables of sequences and chunks are built on the host from ``seq_lens`` (no device sync) and cached.
 """
+import contextlib
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +74,28 @@ def _compile(make, *args, fast_math: bool = False, **kwargs):
 
 
 @functools.lru_cache(maxsize=None)
+def entry(kernel):
+    """A compiled kernel's own entry point, called without TileLang's per-call Python adapter.
+
+    Our kernels take every buffer as an argument (none for the adapter to allocate), so the adapter
+    would only re-pack the arguments into the same list before calling this; the entry point takes
+    the stream from torch itself (DLPack exchange), as it does when the adapter calls it. Measured by
+    ``scripts/host_profile.py`` (its "launch" columns)."""
+    adapter = kernel.adapter
+    if adapter.result_idx or getattr(adapter, "_ffi_callee_allocated_output_abi", False):
+        return kernel
+    return adapter._get_executable()
+
+
+def on_device(device: torch.device):
+    """The context TileLang launches need: kernels go to the current device (its current stream), so
+    switch to the tensors' device, but only when it is not current already (a switch costs host time)."""
+    if device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+@functools.lru_cache(maxsize=None)
 def matrices_kernel(dtype: str):
     # fast math: a quarter fewer instructions (its exps; arguments are <= 0), no measurable change on H100
     return _compile(chunk_matrices_kernel, HEAD_DIM, dtype, fast_math=True)
@@ -122,7 +145,7 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
     ready(DTYPES[q.dtype])
     seqs, chunks = _tables(seq_lens, Tn if cu_seqlens is None else None, dev)
     flat = (q.contiguous().view(tokens, H, K), k.contiguous().view(tokens, H, K), v.contiguous().view(tokens, HV, V))
-    with torch.cuda.device(dev):          # TileLang launches on the current device's current stream
+    with on_device(dev):
         ag, coef, _ = prepare(*flat[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
         recur(*flat, ag, coef, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
     return o, _final(ht, N, HV, K, V, state_v_first)
@@ -140,7 +163,7 @@ def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool, heads_pe
     ag = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=q.device)
     coef = torch.empty(HV, tokens, COEFS, dtype=torch.float32, device=q.device)
     stats = torch.empty(chunks.shape[0], HV, 2, dtype=torch.float32, device=q.device)
-    kernel = matrices_kernel(DTYPES[q.dtype])
+    kernel = entry(matrices_kernel(DTYPES[q.dtype]))
     g, beta = (x.to(torch.float32).contiguous().view(tokens, HV) for x in (g, beta))
     for s in range(0, chunks.shape[0], MAX_GRID_Z):      # the grid's z extent is at most 65535
         kernel(q, k, g, beta, chunks[s:s + MAX_GRID_Z], ag, coef, stats[s:s + MAX_GRID_Z], float(scale),
@@ -152,10 +175,8 @@ def recur(q, k, v, ag, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
     """Kernel 2 on flat inputs: writes o [tokens, HV, V] and, if given, the final states into the rows of
     ht [rows, HV, K * V] that ``seqs``' third column names (-1: not stored)."""
     HV, K, V = v.shape[1], q.shape[2], v.shape[2]
-    placeholder = None
-    if h0 is None or ht is None:
-        placeholder = torch.empty(1, HV, K * V, dtype=torch.float32, device=q.device)
-    kernel = recurrence_kernel(DTYPES[q.dtype], v_tile)
+    placeholder = _unused_state(HV, K * V, q.device) if h0 is None or ht is None else None
+    kernel = entry(recurrence_kernel(DTYPES[q.dtype], v_tile))
     flags = (int(h0 is not None), int(ht is not None), int(bool(state_v_first)))
     for s in range(0, seqs.shape[0], MAX_GRID_Z):        # the grid's z extent is at most 65535
         e = s + MAX_GRID_Z
@@ -163,11 +184,18 @@ def recur(q, k, v, ag, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
                ht if ht is not None else placeholder, *flags)
 
 
+@functools.lru_cache(maxsize=64)
+def _unused_state(HV: int, KV: int, device: torch.device) -> torch.Tensor:
+    """Stands in for an absent h0 or ht (its flag tells the kernel not to touch it): one per shape,
+    not an allocation per call."""
+    return torch.empty(1, HV, KV, dtype=torch.float32, device=device)
+
+
 def warmup(q, k, v, ag, coef, spans, ends, v_tile: int):
     """The state-only variant over per-(segment, head) ``spans`` [S, HV, 4]: R of each span into
     ``ends[:S]``, M into ``ends[S:]`` ([2S, HV, K * K], K-major). q only fixes the shared signature."""
     assert spans.shape[0] <= MAX_GRID_Z and ends.shape[0] == 2 * spans.shape[0]
-    kernel = recurrence_kernel(DTYPES[q.dtype], v_tile, True)
+    kernel = entry(recurrence_kernel(DTYPES[q.dtype], v_tile, True))
     kernel(q, k, v, ag, coef, spans, ends, v, ends, 0, 1, 0)
 
 

@@ -9,6 +9,7 @@ import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
+from typing import NamedTuple
 
 import torch
 
@@ -41,9 +42,18 @@ def _fail(name: str, expected: str, got) -> ValueError:
     return ValueError(f"`{name}`: expected {expected}, got {got}")
 
 
+class _Meta(NamedTuple):
+    """What validation reads of a tensor: checks run on this, so their result can be cached."""
+
+    shape: tuple
+    dtype: torch.dtype
+    device: torch.device
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
 def _check_tensor(name: str, x, ndim: int, dtypes=FLOAT_DTYPES) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"`{name}`: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"`{name}`: expected dtype in ({names}), got {str(x.dtype).replace('torch.', '')}")
@@ -114,8 +124,46 @@ def _diff(offsets: list[int]) -> tuple[int, ...]:
     return lens
 
 
+TENSOR_ARGS = ("q", "k", "v", "g", "beta", "initial_state", "cu_seqlens", "cu_seqlens_cpu")
+
+
 def validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_v_first: bool) -> Problem:
-    """Check every argument and return the call's shapes; raise TypeError/ValueError naming the culprit."""
+    """Check every argument and return the call's shapes; raise TypeError/ValueError naming the culprit.
+
+    The checks of shapes, dtypes and devices run once per distinct combination of them (cached on a
+    key of those attributes, which costs a quarter of the checks); the offsets are checked every call."""
+    args = (q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu)
+    for name, x in zip(TENSOR_ARGS, args):
+        if not isinstance(x, torch.Tensor) and (x is not None or name in TENSOR_ARGS[:5]):
+            raise TypeError(f"`{name}`: expected a torch.Tensor, got {type(x).__name__}")
+    key = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device, g.shape, g.dtype,
+           g.device, beta.shape, beta.dtype, beta.device, _optional(initial_state), _optional(cu_seqlens),
+           _optional(cu_seqlens_cpu))
+    B, T, H, HV, K, V = _check_metadata(key, state_v_first)
+
+    if cu_seqlens is None:
+        seq_lens = (T,) * B
+    else:
+        seq_lens = sequence_lengths(cu_seqlens, cu_seqlens_cpu)
+        if sum(seq_lens) != T:
+            raise _fail("cu_seqlens", f"a last offset equal to T={T}", sum(seq_lens))
+    if initial_state is not None:
+        want = (len(seq_lens), HV, V, K) if state_v_first else (len(seq_lens), HV, K, V)
+        if initial_state.shape != want:
+            layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
+            raise _fail("initial_state", f"shape {layout} = {want}", f"shape {tuple(initial_state.shape)}")
+    return Problem(B, T, H, HV, K, V, seq_lens)
+
+
+def _optional(x):
+    return None if x is None else (x.shape, x.dtype, x.device)
+
+
+@lru_cache(maxsize=256)
+def _check_metadata(key, state_v_first: bool) -> tuple[int, ...]:
+    """Every check that reads only shapes, dtypes and devices: (B, T, H, HV, K, V)."""
+    metas = [_Meta(*key[i:i + 3]) for i in range(0, 15, 3)] + [None if m is None else _Meta(*m) for m in key[15:]]
+    q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu = metas
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
     _check_tensor("v", v, 4)
@@ -132,34 +180,19 @@ def validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_
     for name, x in (("g", g), ("beta", beta)):
         if tuple(x.shape) != (B, T, HV):
             raise _fail(name, f"shape [B, T, HV] = {(B, T, HV)}", f"shape {tuple(x.shape)}")
-    devices = {x.device for x in (q, k, v, g, beta)}
-    if initial_state is not None:
-        devices.add(initial_state.device)
-    if cu_seqlens is not None:
-        devices.add(cu_seqlens.device)
+    devices = {x.device for x in (q, k, v, g, beta, initial_state, cu_seqlens) if x is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
     if q.dtype != k.dtype:
         raise TypeError(f"`k`: expected the dtype of q ({q.dtype}), got {k.dtype}")
-
-    if cu_seqlens is None:
-        seq_lens = (T,) * B
-    else:
+    if cu_seqlens is not None:
         _check_tensor("cu_seqlens", cu_seqlens, 1, INDEX_DTYPES)
         if B != 1:
             raise _fail("q", "batch size 1 when cu_seqlens is given (flatten the sequences)", f"B={B}")
-        if cu_seqlens.numel() < 2:
-            raise _fail("cu_seqlens", "at least 2 offsets [0, ..., T]", f"{cu_seqlens.numel()} values")
+        if cu_seqlens.shape[0] < 2:
+            raise _fail("cu_seqlens", "at least 2 offsets [0, ..., T]", f"{cu_seqlens.shape[0]} values")
         if cu_seqlens_cpu is not None:
             _check_tensor("cu_seqlens_cpu", cu_seqlens_cpu, 1, INDEX_DTYPES)
-        seq_lens = sequence_lengths(cu_seqlens, cu_seqlens_cpu)
-        if sum(seq_lens) != T:
-            raise _fail("cu_seqlens", f"a last offset equal to T={T}", sum(seq_lens))
-
     if initial_state is not None:
         _check_tensor("initial_state", initial_state, 4)
-        want = (len(seq_lens), HV, V, K) if state_v_first else (len(seq_lens), HV, K, V)
-        layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
-        if tuple(initial_state.shape) != want:
-            raise _fail("initial_state", f"shape {layout} = {want}", f"shape {tuple(initial_state.shape)}")
-    return Problem(B, T, H, HV, K, V, tuple(seq_lens))
+    return B, T, H, HV, K, V

@@ -154,3 +154,17 @@ def test_opcheck():
     with torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True):
         fake = chunk_gated_delta_rule_bwd_op(*args)
     assert [(x.shape, x.dtype) for x in real] == [(x.shape, x.dtype) for x in fake]
+
+
+def test_compile_in_a_fresh_process():
+    """The custom ops are imported while dynamo traces the first call (nothing registers at import)."""
+    import subprocess
+    import sys
+    code = ("import sys, torch, flashdelta\n"
+            "assert 'flashdelta.gated_delta_rule.custom_op' not in sys.modules\n"
+            "x = [torch.randn(2, 100, 2, 16) for _ in range(2)] + [torch.randn(2, 100, 4, 16), -torch.rand(2, 100, 4),"
+            " torch.rand(2, 100, 4)]\n"
+            "f = torch.compile(flashdelta.chunk_gated_delta_rule, fullgraph=True, dynamic=True, backend='aot_eager')\n"
+            "assert torch.equal(f(*x)[0], flashdelta.chunk_gated_delta_rule(*x)[0])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -17,7 +17,7 @@ import torch
 
 from ..context_parallel import TRUNCATION_TAU
 from ..segments import SegmentTable
-from .forward import CHUNK, DTYPES, _compile, _tables, entry, on_device, prepare, ready, recur, warmup
+from .forward import CHUNK, DTYPES, _compile, _tables, entry, flat, on_device, prepare, ready, recur, warmup
 from .segment_scan import segment_scan_kernel
 from .segment_windows import segment_windows_kernel
 
@@ -56,15 +56,14 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
     table = SegmentTable.build(plan, seq_lens, stride, dev)
     S = table.spans.shape[0] - 1
     _, chunks = _tables(seq_lens, stride, dev)
-    qf, kf, vf = (x.contiguous().view(tokens, x.shape[2], x.shape[3]) for x in (q, k, v))
-    gf, bf = g.reshape(tokens, HV), beta.reshape(tokens, HV)
+    qf, kf, vf = (flat(x, tokens, x.shape[2], x.shape[3]) for x in (q, k, v))
     o = torch.empty(B, Tn, HV, V, dtype=q.dtype, device=dev)
     of = o.view(tokens, HV, V)
     h0 = torch.zeros(N, HV, K, V, dtype=torch.float32, device=dev) if initial_state is None else \
-        (initial_state.transpose(-1, -2) if state_v_first else initial_state).to(torch.float32).contiguous()
+        flat(initial_state.transpose(-1, -2) if state_v_first else initial_state, N, HV, K, V, dtype=torch.float32)
 
     with on_device(dev):
-        ag, coef, stats = prepare(qf, kf, gf, bf, chunks, HV, scale, use_qk_l2norm_in_kernel)
+        ag, coef, stats = prepare(qf, kf, g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
         spans, keep = segment_windows(stats, table, tau)
         ends = torch.empty(2 * (S + 1), HV, K * V, dtype=torch.float32, device=dev)
         warmup(qf, kf, vf, ag, coef, spans, ends, plan.v_tile)

@@ -135,7 +135,7 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
     o = torch.empty(B, Tn, HV, V, dtype=q.dtype, device=dev)
     h0 = None
     if initial_state is not None:
-        h0 = initial_state.to(torch.float32).contiguous().view(N, HV, K * V)
+        h0 = flat(initial_state, N, HV, K * V, dtype=torch.float32)
     ht = torch.empty(N, HV, K * V, dtype=torch.float32, device=dev) if output_final_state else None
     if tokens == 0 or sum(seq_lens) == 0:
         if ht is not None:
@@ -144,11 +144,26 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
 
     ready(DTYPES[q.dtype])
     seqs, chunks = _tables(seq_lens, Tn if cu_seqlens is None else None, dev)
-    flat = (q.contiguous().view(tokens, H, K), k.contiguous().view(tokens, H, K), v.contiguous().view(tokens, HV, V))
+    rows = (flat(q, tokens, H, K), flat(k, tokens, H, K), flat(v, tokens, HV, V))
     with on_device(dev):
-        ag, coef, _ = prepare(*flat[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
-        recur(*flat, ag, coef, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
+        ag, coef, _ = prepare(*rows[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
+        recur(*rows, ag, coef, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
     return o, _final(ht, N, HV, K, V, state_v_first)
+
+
+def flat(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` as a contiguous ``shape`` (and ``dtype``), running no torch op that would not change it:
+    each one costs the host several microseconds per call (``scripts/host_profile.py``)."""
+    if dtype is not None and x.dtype != dtype:
+        x = x.to(dtype)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x if x.shape == shape else x.view(shape)
+
+
+def _grid_rows(t: torch.Tensor, start: int) -> torch.Tensor:
+    """The rows of one launch, from ``start``: the whole table unless it needs several launches."""
+    return t if start == 0 and t.shape[0] <= MAX_GRID_Z else t[start:start + MAX_GRID_Z]
 
 
 def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool, heads_per_cta: int | None = None):
@@ -164,9 +179,9 @@ def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool, heads_pe
     coef = torch.empty(HV, tokens, COEFS, dtype=torch.float32, device=q.device)
     stats = torch.empty(chunks.shape[0], HV, 2, dtype=torch.float32, device=q.device)
     kernel = entry(matrices_kernel(DTYPES[q.dtype]))
-    g, beta = (x.to(torch.float32).contiguous().view(tokens, HV) for x in (g, beta))
+    g, beta = (flat(x, tokens, HV, dtype=torch.float32) for x in (g, beta))
     for s in range(0, chunks.shape[0], MAX_GRID_Z):      # the grid's z extent is at most 65535
-        kernel(q, k, g, beta, chunks[s:s + MAX_GRID_Z], ag, coef, stats[s:s + MAX_GRID_Z], float(scale),
+        kernel(q, k, g, beta, _grid_rows(chunks, s), ag, coef, _grid_rows(stats, s), float(scale),
                int(bool(l2norm)), heads_per_cta)
     return ag, coef, stats
 
@@ -179,8 +194,7 @@ def recur(q, k, v, ag, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
     kernel = entry(recurrence_kernel(DTYPES[q.dtype], v_tile))
     flags = (int(h0 is not None), int(ht is not None), int(bool(state_v_first)))
     for s in range(0, seqs.shape[0], MAX_GRID_Z):        # the grid's z extent is at most 65535
-        e = s + MAX_GRID_Z
-        kernel(q, k, v, ag, coef, seqs[s:e], h0[s:e] if h0 is not None else placeholder, o,
+        kernel(q, k, v, ag, coef, _grid_rows(seqs, s), _grid_rows(h0, s) if h0 is not None else placeholder, o,
                ht if ht is not None else placeholder, *flags)
 
 

@@ -1,8 +1,8 @@
 """Where the host time of one eager forward call goes (GPU machine; the quick preset's shapes).
 
 Per configuration:
-- host us/call: wall time of back-to-back calls with one sync at the end (few enough that the launch
-  queue never fills, so the loop runs at the host's pace, not the GPU's);
+- call: host us per call, the benchmark's host timer (``timing.host``: back-to-back calls, one sync per round,
+  so the loop runs at the host's pace, not the GPU's), fastest round;
 - the same for the pieces of the call: validation and planning (``api._decide``), the allocations,
   one TileLang launch through its adapter and through the entry point underneath it (``forward.entry``);
 - a cProfile of many calls (top functions by own time) into ``--out``.
@@ -16,31 +16,28 @@ import cProfile
 import io
 import json
 import pstats
-import time
 from pathlib import Path
 
 import torch
 
 from flashdelta import chunk_gated_delta_rule
+from flashdelta.bench import timing
 from flashdelta.bench.configs import preset
 from flashdelta.bench.inputs import make_inputs
 from flashdelta.gated_delta_rule import api
 
-CALLS = 200          # a few launches each: well inside the GPU's launch queue
+CALLS = 200          # calls under cProfile
 
 
-def per_call_us(fn, calls: int = CALLS, rounds: int = 5) -> float:
-    """Best of ``rounds`` of mean host time over ``calls`` back-to-back calls."""
-    fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
-        torch.cuda.synchronize()
-    return best
+def per_call_us(fn) -> float:
+    """Fastest round of the benchmark's host timer (back-to-back calls, one sync per round)."""
+    return timing.host(lambda i: fn(), 1, timing.Budget(0.05, 5, 50)).min_ms * 1e3
+
+
+def device_context(device):
+    """What ``forward.on_device`` saves when the tensors' device is already current."""
+    with torch.cuda.device(device):
+        pass
 
 
 def profile_config(cfg, out: Path) -> dict:
@@ -58,7 +55,7 @@ def profile_config(cfg, out: Path) -> dict:
         row["decide"] = per_call_us(lambda: api._decide(*args, x.h0, x.cu_seqlens, False, "auto", None,
                                                         {"cu_seqlens_cpu": x.cu_seqlens_cpu}))
         row["empty x5"] = per_call_us(lambda: [torch.empty(16, device="cuda") for _ in range(5)])
-        row["device ctx"] = per_call_us(lambda: torch.cuda.device(x.q.device).__enter__())
+        row["device ctx"] = per_call_us(lambda: device_context(x.q.device))
         row.update(launch_costs(x))
         prof = cProfile.Profile()
         prof.enable()

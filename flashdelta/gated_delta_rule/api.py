@@ -89,10 +89,10 @@ def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
         from .hopper.context_parallel import hopper_cp_forward
         from .hopper.forward import hopper_forward
         if route.plan.context_parallel:
-            run = _forward_only(hopper_cp_forward, route.needs_grad)
-            return run(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan)
-        run = _forward_only(hopper_forward, route.needs_grad)
-        return run(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan.v_tile)
+            launch = _forward_only(hopper_cp_forward, route.needs_grad)
+            return launch(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan)
+        launch = _forward_only(hopper_forward, route.needs_grad)
+        return launch(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan.v_tile)
 
     logger.debug("flashdelta: %s", route)
     segments = {} if route.plan is None else {"segment_chunks": route.plan.segment_chunks,

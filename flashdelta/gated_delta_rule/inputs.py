@@ -136,9 +136,8 @@ def validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_
     for name, x in zip(TENSOR_ARGS, args):
         if not isinstance(x, torch.Tensor) and (x is not None or name in TENSOR_ARGS[:5]):
             raise TypeError(f"`{name}`: expected a torch.Tensor, got {type(x).__name__}")
-    key = (q.shape, q.dtype, q.device, k.shape, k.dtype, k.device, v.shape, v.dtype, v.device, g.shape, g.dtype,
-           g.device, beta.shape, beta.dtype, beta.device, _optional(initial_state), _optional(cu_seqlens),
-           _optional(cu_seqlens_cpu))
+    key = (_meta(q), _meta(k), _meta(v), _meta(g), _meta(beta), _meta(initial_state), _meta(cu_seqlens),
+           _meta(cu_seqlens_cpu))
     B, T, H, HV, K, V = _check_metadata(key, state_v_first)
 
     if cu_seqlens is None:
@@ -155,15 +154,15 @@ def validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_
     return Problem(B, T, H, HV, K, V, seq_lens)
 
 
-def _optional(x):
+def _meta(x):
+    """A tensor's cache key part (a plain tuple: a NamedTuple costs more to build than the checks save)."""
     return None if x is None else (x.shape, x.dtype, x.device)
 
 
 @lru_cache(maxsize=256)
 def _check_metadata(key, state_v_first: bool) -> tuple[int, ...]:
     """Every check that reads only shapes, dtypes and devices: (B, T, H, HV, K, V)."""
-    metas = [_Meta(*key[i:i + 3]) for i in range(0, 15, 3)] + [None if m is None else _Meta(*m) for m in key[15:]]
-    q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu = metas
+    q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu = (None if m is None else _Meta(*m) for m in key)
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
     _check_tensor("v", v, 4)

@@ -28,7 +28,8 @@ def required(name: str) -> tuple[str, ...]:
     a scalar walk over per-chunk statistics (one thread per segment and head)."""
     if name.startswith("segment_windows"):
         return ()
-    return ("wgmma",) if name.startswith("segment_scan") else ("wgmma", "tma")
+    # chunk_gradients (one chunk per CTA) loads its tiles with plain vector loads for now
+    return ("wgmma",) if name.startswith(("segment_scan", "chunk_gradients")) else ("wgmma", "tma")
 
 
 def build_all(only: str = "", jobs: int | None = None):

@@ -6,11 +6,13 @@ import torch
 import flashdelta
 from flashdelta.gated_delta_rule import api
 from flashdelta.gated_delta_rule.chunked import chunked_gated_delta_rule
+from flashdelta.gated_delta_rule.chunked_backward import chunked_backward
 from flashdelta.gated_delta_rule.inputs import Problem
 from helpers import make_inputs, rel_err
 
 pytest.importorskip("tilelang")
 from flashdelta.gated_delta_rule.hopper import context_parallel as hopper_cp  # noqa: E402
+from flashdelta.gated_delta_rule.hopper import backward as hopper_bwd  # noqa: E402
 from flashdelta.gated_delta_rule.hopper import forward as hopper_fwd  # noqa: E402
 
 
@@ -35,7 +37,13 @@ def kernels(monkeypatch):
     monkeypatch.setattr(api, "_tilelang_unavailable", lambda *a: None)
     monkeypatch.setattr(api, "sm_count", lambda device: 132)
     monkeypatch.setattr(hopper_fwd, "hopper_forward", lambda *a: fake_forward(*a[:-1], v_tile=a[-1]))
+    def fake_backward(q, k, v, g, beta, scale, h0, l2, cu, seq_lens, v_first, do, dht, needs_dh0=True):
+        calls.append(("backward",))
+        problem = Problem(q.shape[0], q.shape[1], q.shape[2], v.shape[2], q.shape[3], v.shape[3], tuple(seq_lens))
+        return chunked_backward(q, k, v, g, beta, scale, h0, l2, problem, cu is None, v_first, do, dht)
+
     monkeypatch.setattr(hopper_cp, "hopper_cp_forward", fake_cp)
+    monkeypatch.setattr(hopper_bwd, "hopper_backward", fake_backward)
     return calls
 
 
@@ -58,11 +66,30 @@ def test_kernel_branch_threads_every_argument(kernels, context_parallel, varlen)
     assert rel_err(o, o_ref) <= 1e-10 and rel_err(s, s_ref) <= 1e-10
 
 
-def test_gradients_take_the_torch_path_under_auto(kernels):
-    q, k, v, g, beta, h0 = make_inputs(1, 100, 1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    q.requires_grad_()
-    o, _ = flashdelta.chunk_gated_delta_rule(q, k, v, g, beta)
-    o.sum().backward()
-    assert kernels == [] and q.grad is not None
-    flashdelta.chunk_gated_delta_rule(q, k, v, g, beta, backend="tilelang")
-    assert [c[0] for c in kernels] == ["unsplit"]
+@pytest.mark.parametrize("varlen, l2, v_first, final, frozen_qk", [
+    (False, False, False, True, False), (True, True, True, True, False), (True, False, False, False, True)])
+def test_gradients_take_the_kernel_backward(kernels, varlen, l2, v_first, final, frozen_qk):
+    """Autograd on the kernel branch: the forward's inputs reach the backward, its gradients come back
+    for exactly the inputs that need them (the backward's stand-in is the staged PyTorch backward)."""
+    gen = torch.Generator().manual_seed(1)
+    B, T = (1, 300) if varlen else (2, 150)
+    xs = make_inputs(B, T, 1, 2, 8, 8, generator=gen, num_seqs=2)
+    if v_first:
+        xs[5] = xs[5].transpose(-1, -2).contiguous()
+    kw = dict(scale=0.3, output_final_state=final, use_qk_l2norm_in_kernel=l2, state_v_first=v_first,
+              cu_seqlens=torch.tensor([0, 100, 300]) if varlen else None)
+
+    def grads(backend):
+        leaves = [x.clone().requires_grad_(not (frozen_qk and i < 2)) for i, x in enumerate(xs)]
+        o, s = flashdelta.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5], backend=backend, **kw)
+        loss = (o * o).sum() + (s.sum() if final else 0)
+        loss.backward()
+        return [x.grad for x in leaves]
+
+    expected = grads("torch")
+    assert not kernels
+    got = grads("auto")
+    assert [c[0] for c in kernels] == ["unsplit", "backward"]
+    for a, e in zip(got, expected):
+        assert (a is None) == (e is None)
+        assert a is None or rel_err(a, e) <= 1e-10

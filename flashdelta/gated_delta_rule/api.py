@@ -89,9 +89,9 @@ def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
         from .hopper.context_parallel import hopper_cp_forward
         from .hopper.forward import hopper_forward
         if route.plan.context_parallel:
-            launch = _forward_only(hopper_cp_forward, route.needs_grad)
+            launch = _with_backward(hopper_cp_forward, route.needs_grad, problem, cu_seqlens, state_v_first)
             return launch(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan)
-        launch = _forward_only(hopper_forward, route.needs_grad)
+        launch = _with_backward(hopper_forward, route.needs_grad, problem, cu_seqlens, state_v_first)
         return launch(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan.v_tile)
 
     logger.debug("flashdelta: %s", route)
@@ -126,7 +126,7 @@ class Route:
 
     def __str__(self):
         if self.kernels:
-            return "tilelang, " + _describe_plan(self.plan) + ("; no backward yet" if self.needs_grad else "")
+            return "tilelang, " + _describe_plan(self.plan) + ("; TileLang backward" if self.needs_grad else "")
         return (f"torch ({self.reason})" + (", " + _describe_plan(self.plan) if self.plan else "")
                 + ("; autograd" if self.needs_grad else ""))
 
@@ -155,8 +155,6 @@ def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
     reason = "backend='torch'"
     if backend != "torch":
         reason = _tilelang_unavailable(q, v, problem)
-        if reason is None and backend == "auto" and needs_grad:
-            reason = "the TileLang backward is not implemented yet"
         if reason is None:
             plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, sm_count(q.device),
                                 context_parallel)
@@ -171,6 +169,20 @@ def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
         plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, 1, context_parallel)
         plan = plan if plan.context_parallel else None
     return problem, Route(False, plan, needs_grad, reason)
+
+
+def kernel_backward(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_kernel, cu_seqlens, state_v_first,
+                    backend, context_parallel, kwargs, do, dfinal):
+    """The compiled op's backward on the kernels: (dq, dk, dv, dg, dbeta, dh0), or None where the
+    call's route is the PyTorch path."""
+    problem, route = _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
+                             context_parallel, kwargs, True)
+    if not route.kernels:
+        return None
+    from .hopper.backward import hopper_backward
+    scale = problem.k_dim ** -0.5 if scale is None else float(scale)
+    return hopper_backward(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_kernel, cu_seqlens,
+                           problem.seq_lens, state_v_first, do, dfinal)
 
 
 def grad_needed(*inputs) -> bool:
@@ -219,26 +231,48 @@ def _capability(index: int):
     return torch.cuda.get_device_capability(index)
 
 
-class _NoBackward(torch.autograd.Function):
-    """Marks kernel outputs as differentiable but refuses the backward pass until it exists."""
+class _KernelAutograd(torch.autograd.Function):
+    """The kernel path under autograd: the forward's kernels, then the backward's (``hopper.backward``).
+    Only the inputs are saved; the backward recomputes the rest."""
 
     @staticmethod
-    def forward(ctx, o, final, *inputs):
+    def forward(ctx, forward, options, q, k, v, g, beta, initial_state):
+        ctx.set_materialize_grads(False)            # an unused output's gradient stays None: no zeros read
+        o, final = forward(q, k, v, g, beta, options.scale, initial_state)
+        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        ctx.options = options
+        ctx.has_final = final is not None
         return o, final
 
     @staticmethod
-    def backward(ctx, *grads):
-        raise NotImplementedError("the TileLang backward is not implemented yet: use backend='torch' "
-                                  "(or 'auto') to train")
+    def backward(ctx, do, dfinal):
+        from .hopper.backward import hopper_backward
+        q, k, v, g, beta, initial_state = ctx.saved_tensors
+        opt = ctx.options
+        do = torch.zeros_like(v) if do is None else do
+        grads = hopper_backward(q, k, v, g, beta, opt.scale, initial_state, opt.l2norm, opt.cu_seqlens,
+                                opt.seq_lens, opt.state_v_first, do, dfinal if ctx.has_final else None,
+                                needs_dh0=ctx.needs_input_grad[7])
+        return (None, None, *(x if needed else None for x, needed in zip(grads, ctx.needs_input_grad[2:])))
 
 
-def _forward_only(kernel, needs_grad):
+@dataclass(frozen=True)
+class _BackwardOptions:
+    scale: float
+    l2norm: bool
+    cu_seqlens: object
+    seq_lens: tuple
+    state_v_first: bool
+
+
+def _with_backward(kernel, needs_grad, problem, cu_seqlens, state_v_first):
+    """``kernel`` (a forward launcher taking (q, k, v, g, beta, scale, h0, *rest)), differentiable
+    through the backward's kernels where the call needs gradients."""
     if not needs_grad:
         return kernel
 
-    def run(q, k, v, g, beta, scale, initial_state, *rest):
-        o, final = kernel(q, k, v, g, beta, scale, initial_state, *rest)
-        inputs = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
-        o, final_out = _NoBackward.apply(o, final, *inputs)
-        return o, (final_out if final is not None else None)
+    def run(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm, *rest):
+        options = _BackwardOptions(scale, l2norm, cu_seqlens, problem.seq_lens, state_v_first)
+        forward = lambda *a: kernel(*a, output_final_state, l2norm, *rest)  # noqa: E731
+        return _KernelAutograd.apply(forward, options, q, k, v, g, beta, initial_state)
     return run

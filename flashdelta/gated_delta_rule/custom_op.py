@@ -10,7 +10,8 @@ from the input shapes alone, so:
 - ``fullgraph=True`` holds: no graph break around the op.
 
 Autograd goes through a second op, ``flashdelta::chunk_gated_delta_rule_bwd``, so the compiled
-backward graph holds it as one node too. It recomputes the forward on the PyTorch path and takes its
+backward graph holds it as one node too. Where the call runs on the kernels, that is the kernels'
+backward (``hopper.backward``); elsewhere it recomputes the forward on the PyTorch path and takes its
 vector-Jacobian product with ``torch.func.vjp`` (autograd proper is disabled inside an op's
 implementation; functorch transforms are not), for exactly the inputs that need a gradient.
 
@@ -91,13 +92,14 @@ def chunk_gated_delta_rule_bwd_op(
         context_parallel: Optional[int], wanted: list[bool]) -> list[Tensor]:
     """Gradients of q, k, v, g, beta, initial_state (an empty tensor where not ``wanted``).
     ``dfinal``: the final state's gradient, or None when the forward did not return it."""
-    from .api import run
-    if backend == "tilelang":
-        raise NotImplementedError("the TileLang backward is not implemented yet: use backend='torch' "
-                                  "(or 'auto') to train")
+    from .api import kernel_backward, run
     inputs = [q, k, v, g, beta, initial_state]
     where = [i for i, w in enumerate(wanted) if w and inputs[i] is not None]
     kwargs = {} if cu_seqlens_cpu is None else {"cu_seqlens_cpu": cu_seqlens_cpu}
+    grads = kernel_backward(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_kernel, cu_seqlens,
+                            state_v_first, backend, _decode_cp(context_parallel), kwargs, do, dfinal)
+    if grads is not None:
+        return [grad if i in where else q.new_empty(0) for i, grad in enumerate(grads)]
 
     def forward(*primals):
         args = list(inputs)

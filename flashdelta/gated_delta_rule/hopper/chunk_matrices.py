@@ -6,7 +6,8 @@ differ). The whole group per CTA unless the grid would leave SMs idle (``planner
 For chunk rows i, j (valid rows only, DESIGN section 2) it writes:
 
 - ``ag[t, h, :]``  = row i of ``Ag = (Gamma * A0) diag(beta)`` with ``A0 = (I + StrictLower(diag(beta) K K^T))^-1``
-- ``coef[h, t, :]`` = (e^g_i rk_i, e^g_i sq_i, e^(g_C - g_i) rk_i, e^g_C, g_i log2(e), sq_i, rk_i, 0), g = gate
+- ``a0g[t, h, :]`` = row i of ``Gamma * A0`` (FLA's gated inverse), only where ``store_a0g`` (the backward);
+- ``coef[h, t, :]`` = (e^g_i rk_i, e^g_i sq_i, e^(g_C - g_i) rk_i, e^g_C, g_i log2(e), sq_i, rk_i, beta_i), g = gate
   cumsum in the chunk, g_C that of its last valid token, rk / rq the in-kernel l2-norm factors (1 when
   disabled), sq = scale rq; head-major, so a chunk's factors are one contiguous 2 KB block;
 - ``stats[c, h, :]`` = (g_C, tokens with beta |k|^2 outside [0, 2]) per chunk, for context parallelism.
@@ -21,8 +22,10 @@ the diagonal blocks' inverses D = (I + diag(beta) StrictLower(Kd))^-1, and with 
 Y row-major so that every result is used as it comes out of the accumulator, never transposed (Kn Kn^T
 is symmetric: Ko^T is a mask of it):
 
-    M = (D diag(beta)) (Ko^T)^T,  V1^T = D^T - D^T M^T,  W = diag(beta) (D^T - V1^T M^T) = (V2 diag(beta))^T,
-    A0 diag(beta) = D diag(beta) - M W^T.
+    M = (D diag(beta)) (Ko^T)^T,  V1^T = D^T - D^T M^T,  W = D^T - V1^T M^T = V2^T,  A0 = D - M W^T,
+
+and Ag = (Gamma * A0) diag(beta) in the epilogue (beta applied last, so the backward's ``Gamma * A0``
+comes out of the same accumulator).
 
 Their operands are fp16: the same 10-bit mantissa as tf32 (and rounded, where tf32 operands are
 truncated: 1e-4 relative error in Ag against 3e-4, both far below Ag's bf16 rounding), half the shared
@@ -34,7 +37,7 @@ Everything that depends only on k (Ko^T, Kd) is formed once per CTA; a value hea
 substitution, the four GEMMs and the output epilogue. Shared memory (34 KB) holds three 64 x 64 fp16
 operands: ``ko`` holds Kn Kn^T (only its blocks above the diagonal, Ko^T, reach unmasked results of the
 first GEMM); ``x1`` holds D diag(beta), then M; ``x2`` holds D^T, then W. The diagonal blocks need no
-copies: V1^T and D^T share them, and those of D diag(beta) are those of W^T. Separate, zeroed-once
+copies: V1^T and D^T share them, and those of D are those of W^T. Separate, zeroed-once
 buffers for D diag(beta) and D^T (no per-head zeroing) measured slower: the extra live registers spill
 at the 128 that four CTAs per SM allow, and three CTAs per SM are slower still.
 """
@@ -56,6 +59,7 @@ def chunk_matrices_kernel(K: int, dtype: str):
     qk_heads = T.dynamic("qk_heads")
     v_heads = T.dynamic("v_heads")
     num_chunks = T.dynamic("num_chunks")
+    a0g_tokens = T.dynamic("a0g_tokens")
 
     @T.prim_func
     def chunk_matrices(
@@ -67,9 +71,11 @@ def chunk_matrices_kernel(K: int, dtype: str):
         ag: T.Tensor((num_tokens, v_heads, C), dtype),
         coef: T.Tensor((v_heads, num_tokens, COEFS), ACC),
         stats: T.Tensor((num_chunks, v_heads, 2), ACC),
+        a0g: T.Tensor((a0g_tokens, v_heads, C), dtype),     # num_tokens, or 1 for the unused placeholder
         scale: T.float32,
         l2norm: T.int32,
         heads_per_cta: T.int32,                            # divides the GVA group
+        store_a0g: T.int32,
     ):
         # heads fastest: neighbouring CTAs read neighbouring q / k rows; no index is decoded by a
         # division (a dynamic divisor costs a chain of instructions before k's load can be issued).
@@ -204,17 +210,21 @@ def chunk_matrices_kernel(K: int, dtype: str):
                 T.copy(acc, v1)                                                     # V1^T
                 T.gemm(v1, x1_s, acc, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(C, C):
-                    acc[i, j] = (T.Cast(ACC, x2_s[i, j]) - acc[i, j]) * bet[i]
+                    acc[i, j] = T.Cast(ACC, x2_s[i, j]) - acc[i, j]
                 T.copy(acc, x2_s)                                                   # W
                 T.gemm(x1_s, x2_s, acc, transpose_B=True, clear_accum=True)
 
-                # A0 diag(beta): D diag(beta) (= W^T) on the diagonal blocks, -M W^T below; both are
-                # exactly 0 above the diagonal, so Gamma needs no mask, only a finite exponent.
+                # A0: D (= W^T) on the diagonal blocks, -M W^T below; both are exactly 0 above the
+                # diagonal, so Gamma needs no mask, only a finite exponent.
                 for i, j in T.Parallel(C, C):
                     acc[i, j] = (T.Select(i // B == j // B, T.Cast(ACC, x2_s[j, i]), 0.0) - acc[i, j]) * T.exp(
                         (gam[i] - gam[j]) * T.Cast(ACC, i >= j))
+                if store_a0g != 0:
+                    for i, j in T.Parallel(C, C):
+                        if i < n:
+                            a0g[t0 + i, h, j] = acc[i, j]
                 for i, j in T.Parallel(C, C):
-                    out_s[i, j] = acc[i, j]
+                    out_s[i, j] = acc[i, j] * bet[j]
                 if n >= C:                                  # a full chunk: one TMA store
                     T.copy(out_s, ag[t0:t0 + C, h, 0:C])
                 else:
@@ -231,7 +241,7 @@ def chunk_matrices_kernel(K: int, dtype: str):
                     factors[4] = gam[tx] * LOG2E
                     factors[5] = sq[tx]
                     factors[6] = rk[tx]
-                    factors[7] = 0.0
+                    factors[7] = bet[tx]
                     for j in T.vectorized(COEFS):
                         coef[h, t0 + tx, j] = factors[j]
                 # context parallelism's truncation test (segments.chunk_stats): the chunk's summed g, and

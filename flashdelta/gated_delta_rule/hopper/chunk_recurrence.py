@@ -30,6 +30,10 @@ transition M. Spans are per (segment, value head): (R first token, R length, M f
 so the truncation test can shorten R to a window and skip M (length 0) where the gate allows it. R is
 written to ``ht[n]``, M to ``ht[num_seqs + n]``.
 
+The backward's state recompute (``save_states=True``) is the same state-only walk from h0 over whole
+sequences; it stores the q/k-dtype copy of S^T that the GEMMs read as each chunk begins (what the
+backward's per-chunk kernel needs, in the precision its GEMMs take it).
+
 Warp specialisation is written out (not TileLang's automatic pipelining) so the GEMMs can run
 asynchronously around the state's dependency chain. An auxiliary warpgroup streams each chunk's tiles
 into three stages (one ``full`` mbarrier per stage, TMA transaction counts; one ``empty`` barrier
@@ -54,12 +58,14 @@ AUX_THREADS = 128                       # one warpgroup: streams the tiles and f
 
 
 def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256, warmup: bool = False,
-                            stages: int = 3):
+                            stages: int = 3, save_states: bool = False):
     """The prim_func for head dims K, V, V tile BV and q/k/v dtype; lengths and head counts are dynamic.
 
     ``threads``: consumer threads (BV // 64 warpgroups); the CTA has ``AUX_THREADS`` more.
     ``warmup``: the state-only variant (q, o and h0 are not read or written; ``seqs`` holds spans).
     ``stages``: buffers of the streamed tiles; chunk c + stages - 1 loads while the consumers work on c.
+    ``save_states``: the backward's state recompute: state only, from h0, the state entering every chunk
+    into ``states`` (q's dtype, V-major: S^T); the third column of ``seqs`` is the sequence's first chunk.
     """
     C = CHUNK
     num_tokens = T.dynamic("num_tokens")
@@ -68,14 +74,16 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     num_seqs = T.dynamic("num_seqs")
     h0_seqs = T.dynamic("h0_seqs")          # num_seqs, or 1 for the unused placeholder
     ht_seqs = T.dynamic("ht_seqs")
+    state_chunks = T.dynamic("state_chunks")   # chunks of all sequences, or 1 for the unused placeholder
+    state_only = warmup or save_states
     table = (num_seqs, v_heads, 4) if warmup else (num_seqs, 3)
     halves = 2 if warmup else 1             # warm-up: R CTAs, then M CTAs
     ROWS = T.GemmWarpPolicy.FullRow         # the consumers' GEMMs: each warpgroup owns 64 of the BV rows
-    readers = threads if warmup else threads + AUX_THREADS          # threads that read each stage
+    readers = threads if state_only else threads + AUX_THREADS          # threads that read each stage
     # Registers: the consumers take what the auxiliary warpgroup gives back. setmaxnreg.inc waits until
     # the CTA's pool (its launch allocation, not the SM's 64K) has them: asking for more hangs.
     launch_regs = min(240, 65536 // (threads + AUX_THREADS) // 8 * 8)
-    aux_regs = 24 if warmup else 72
+    aux_regs = 24 if state_only else 72
     consumer_regs = min(240, (launch_regs * (threads + AUX_THREADS) - aux_regs * AUX_THREADS) // threads // 8 * 8)
 
     @T.macro
@@ -84,7 +92,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
         st = c % stages
         t0 = start + c * C
         T.barrier_wait(empty[st], (c // stages + 1) % 2)
-        if not warmup:
+        if not state_only:
             T.tma_copy(q[t0:t0 + C, hk, 0:K], q_s[st, :, :], barrier=full[st])
         T.tma_copy(k[t0:t0 + C, hk, 0:K], k_s[st, :, :], barrier=full[st])
         T.tma_copy(v[t0:t0 + C, h, v0:v0 + BV], v_s[st, :, :], barrier=full[st])
@@ -103,6 +111,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
         h0: T.Tensor((h0_seqs, v_heads, K * V), ACC),
         o: T.Tensor((num_tokens, v_heads, V), dtype),
         ht: T.Tensor((ht_seqs, v_heads, K * V), ACC),
+        states: T.Tensor((state_chunks, v_heads, V, K), dtype),
         has_h0: T.int32,
         store_ht: T.int32,
         v_first: T.int32,
@@ -126,24 +135,24 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
 
             # the stages of the streamed tiles, two buffers of P (the auxiliary warpgroup forms chunk
             # d + 1's while the consumers use chunk d's), the output tile
-            if not warmup:
+            if not state_only:
                 q_s = T.alloc_shared((stages, C, K), dtype)
                 p_s = T.alloc_shared((2, C, C), dtype)
                 o_s = T.alloc_shared((C, BV), dtype)
             k_s = T.alloc_shared((stages, C, K), dtype)
-            if warmup:
+            if state_only:
                 q_s = k_s                                      # not loaded: the state-only walk reads no q
             v_s = T.alloc_shared((stages, C, BV), dtype)
             ag_s = T.alloc_shared((stages, C, C), dtype)
             cf_s = T.alloc_shared((stages, C, COEFS), ACC)
             full = T.alloc_barrier([AUX_THREADS] * stages)         # the auxiliary threads' arrivals + TMA bytes
             empty = T.alloc_barrier([readers] * stages)    # every reading thread, after the stage's last use
-            if not warmup:
+            if not state_only:
                 p_full = T.alloc_barrier([AUX_THREADS, AUX_THREADS])   # P of the chunk is in p_s
                 p_free = T.alloc_barrier([threads, threads])           # its P V' is done
             # v_s and o_s are accessed row-wise by the accumulator fragments (8 rows of BV * 2 bytes per
             # warp access): unswizzled, every row of a warp falls on the same banks (8-way conflicts)
-            if warmup:
+            if state_only:
                 T.annotate_layout({v_s: make_swizzled_layout(v_s)})
             else:
                 T.annotate_layout({v_s: make_swizzled_layout(v_s), o_s: make_swizzled_layout(o_s)})
@@ -154,7 +163,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
             sa = T.alloc_fragment((BV, K), dtype)           # S^T as the A operand of K S and Q S
             acc = T.alloc_fragment((BV, C), ACC)
             accb = T.alloc_fragment((BV, C), dtype)
-            if not warmup:
+            if not state_only:
                 ot = T.alloc_fragment((BV, C), ACC)            # O^T of the chunk
                 vb = T.alloc_fragment((BV, C), dtype)          # V'^T, the A operand of P V'
                 qk = T.alloc_fragment((C, C), ACC)             # auxiliary warpgroup
@@ -173,7 +182,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 for d in T.serial(num_chunks):
                     st = d % stages
                     ps = d % 2
-                    if not warmup:
+                    if not state_only:
                         T.barrier_wait(full[st], (d // stages) % 2)
                         T.gemm(q_s[st, :, :], k_s[st, :, :], qk, transpose_B=True, clear_accum=True)
                         for i, j in T.Parallel(C, C):
@@ -204,10 +213,13 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                     st = c % stages
                     ps = c % 2
                     rows = length - c * C                  # valid tokens of this chunk (> 64 = all)
+                    if save_states:                        # S^T entering chunk c (ht_row: the first chunk)
+                        for i, j in T.Parallel(BV, K):
+                            states[ht_row + c, h, v0 + i, j] = sa[i, j]
                     T.barrier_wait(full[st], (c // stages) % 2)
                     # (K S)^T and, off the chain, (Q S)^T: both take S^T from registers
                     T.wgmma_gemm(sa, k_s[st, :, :], acc, transpose_B=True, clear_accum=True, policy=ROWS)
-                    if not warmup:
+                    if not state_only:
                         T.wgmma_gemm(sa, q_s[st, :, :], ot, transpose_B=True, clear_accum=True, policy=ROWS)
                         T.wait_wgmma(1)
                     else:
@@ -224,7 +236,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                         accb[i, j] = acc[i, j] * cf_s[st, j, 2] * T.Cast(ACC, j < rows)
                     # S^T = c3 S^T + (c2 V')^T K
                     T.wgmma_gemm(accb, k_s[st, :, :], S, policy=ROWS)
-                    if not warmup:
+                    if not state_only:
                         # O^T = (Q S)^T diag(c1) + V'^T P^T
                         T.copy(acc, vb)
                         for i, j in T.Parallel(BV, C):
@@ -234,7 +246,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                     T.wait_wgmma(0)
                     T.barrier_arrive(empty[st])
                     T.copy(S, sa)
-                    if not warmup:
+                    if not state_only:
                         T.barrier_arrive(p_free[ps])
                         T.tma_store_wait()                      # the previous chunk's store has read o_s
                         for i, j in T.Parallel(BV, C):
@@ -247,7 +259,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                             for i, j in T.Parallel(C, BV):
                                 if i < rows:
                                     o[t0 + i, h, v0 + j] = o_s[i, j]
-                if not warmup:
+                if not state_only:
                     T.tma_store_wait()                          # o_s must outlive the last store
 
                 if store_ht != 0:

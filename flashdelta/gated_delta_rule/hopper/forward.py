@@ -45,7 +45,12 @@ def variants(dtype: str | None = None):
         for bv in V_TILES:
             out.append((f"chunk_recurrence[{dt},BV={bv}]", functools.partial(recurrence_kernel, dt, bv)))
             out.append((f"chunk_recurrence[{dt},BV={bv},warmup]", functools.partial(recurrence_kernel, dt, bv, True)))
+            out.append((f"chunk_recurrence[{dt},BV={bv},states]",
+                        functools.partial(recurrence_kernel, dt, bv, save_states=True)))
+    from .backward import variants as backward_variants
     from .context_parallel import scan_kernel, windows_kernel
+    for dt in DTYPES.values() if dtype is None else (dtype,):
+        out += backward_variants(dt)
     out.append((f"segment_scan[K={HEAD_DIM}]", functools.partial(scan_kernel, HEAD_DIM)))
     out.append(("segment_windows", windows_kernel))
     return out
@@ -102,10 +107,10 @@ def matrices_kernel(dtype: str):
 
 
 @functools.lru_cache(maxsize=None)
-def recurrence_kernel(dtype: str, bv: int, warmup: bool = False):
+def recurrence_kernel(dtype: str, bv: int, warmup: bool = False, save_states: bool = False):
     # fast math: P's exp2 becomes one ex2.approx instruction
     return _compile(chunk_recurrence_kernel, HEAD_DIM, HEAD_DIM, bv, dtype, threads=256 if bv == 128 else 128,
-                    warmup=warmup, fast_math=True)
+                    warmup=warmup, save_states=save_states, fast_math=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -166,11 +171,13 @@ def _grid_rows(t: torch.Tensor, start: int) -> torch.Tensor:
     return t if start == 0 and t.shape[0] <= MAX_GRID_Z else t[start:start + MAX_GRID_Z]
 
 
-def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool, heads_per_cta: int | None = None):
+def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool, heads_per_cta: int | None = None,
+            a0g: torch.Tensor | None = None):
     """Kernel 1 on flat [tokens, heads, dim] inputs: ag [tokens, HV, 64] and the row factors
     coef [HV, tokens, 8] for every chunk and value head, and the per-chunk statistics [num_chunks, HV, 2]
     context parallelism's truncation test reads. ``heads_per_cta`` (a divisor of the GVA group):
-    value heads per CTA; None = the planner's choice for this grid."""
+    value heads per CTA; None = the planner's choice for this grid. ``a0g``: where given
+    ([tokens, HV, 64], q's dtype), also the gated inverse Gamma * A0 the backward needs."""
     tokens = q.shape[0]
     if heads_per_cta is None:
         heads_per_cta = prep_heads_per_cta(chunks.shape[0], q.shape[1], HV, sm_count(q.device))
@@ -181,8 +188,9 @@ def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool, heads_pe
     kernel = entry(matrices_kernel(DTYPES[q.dtype]))
     g, beta = (flat(x, tokens, HV, dtype=torch.float32) for x in (g, beta))
     for s in range(0, chunks.shape[0], MAX_GRID_Z):      # the grid's z extent is at most 65535
-        kernel(q, k, g, beta, _grid_rows(chunks, s), ag, coef, _grid_rows(stats, s), float(scale),
-               int(bool(l2norm)), heads_per_cta)
+        kernel(q, k, g, beta, _grid_rows(chunks, s), ag, coef, _grid_rows(stats, s),
+               a0g if a0g is not None else unused_rows(HV, CHUNK, q.dtype, q.device), float(scale),
+               int(bool(l2norm)), heads_per_cta, int(a0g is not None))
     return ag, coef, stats
 
 
@@ -190,19 +198,26 @@ def recur(q, k, v, ag, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
     """Kernel 2 on flat inputs: writes o [tokens, HV, V] and, if given, the final states into the rows of
     ht [rows, HV, K * V] that ``seqs``' third column names (-1: not stored)."""
     HV, K, V = v.shape[1], q.shape[2], v.shape[2]
-    placeholder = _unused_state(HV, K * V, q.device) if h0 is None or ht is None else None
+    placeholder = unused_rows(HV, K * V, torch.float32, q.device) if h0 is None or ht is None else None
     kernel = entry(recurrence_kernel(DTYPES[q.dtype], v_tile))
     flags = (int(h0 is not None), int(ht is not None), int(bool(state_v_first)))
+    no_states = unused_states(HV, K, V, q.dtype, q.device)
     for s in range(0, seqs.shape[0], MAX_GRID_Z):        # the grid's z extent is at most 65535
         kernel(q, k, v, ag, coef, _grid_rows(seqs, s), _grid_rows(h0, s) if h0 is not None else placeholder, o,
-               ht if ht is not None else placeholder, *flags)
+               ht if ht is not None else placeholder, no_states, *flags)
 
 
 @functools.lru_cache(maxsize=64)
-def _unused_state(HV: int, KV: int, device: torch.device) -> torch.Tensor:
-    """Stands in for an absent h0 or ht (its flag tells the kernel not to touch it): one per shape,
-    not an allocation per call."""
-    return torch.empty(1, HV, KV, dtype=torch.float32, device=device)
+def unused_rows(HV: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Stands in for an absent optional tensor (h0, ht, a0g, ...; its flag tells the kernel not to touch
+    it): one per shape, not an allocation per call."""
+    return torch.empty(1, HV, width, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def unused_states(HV: int, K: int, V: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``unused_rows`` for the per-chunk states of the backward's recompute."""
+    return torch.empty(1, HV, V, K, dtype=dtype, device=device)
 
 
 def warmup(q, k, v, ag, coef, spans, ends, v_tile: int):
@@ -210,7 +225,8 @@ def warmup(q, k, v, ag, coef, spans, ends, v_tile: int):
     ``ends[:S]``, M into ``ends[S:]`` ([2S, HV, K * K], K-major). q only fixes the shared signature."""
     assert spans.shape[0] <= MAX_GRID_Z and ends.shape[0] == 2 * spans.shape[0]
     kernel = entry(recurrence_kernel(DTYPES[q.dtype], v_tile, True))
-    kernel(q, k, v, ag, coef, spans, ends, v, ends, 0, 1, 0)
+    HV, K, V = v.shape[1], q.shape[2], v.shape[2]
+    kernel(q, k, v, ag, coef, spans, ends, v, ends, unused_states(HV, K, V, q.dtype, q.device), 0, 1, 0)
 
 
 def _final(ht, N, HV, K, V, state_v_first):

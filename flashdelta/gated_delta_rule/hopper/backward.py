@@ -1,0 +1,116 @@
+"""Hopper backward: glue between autograd and the backward's kernels (``chunked_backward`` on the device).
+
+The forward saves only its inputs; the backward recomputes what it needs, stage by stage:
+
+1. ``chunk_matrices`` again, now also writing the gated inverse ``A0g`` (and beta in the row factors);
+2. ``chunk_recurrence`` (``save_states``): the state entering every chunk, q's dtype;
+3. ``state_gradient``: chunks last to first, the state's gradient leaving every chunk, dv and dh0;
+4. ``chunk_gradients``: every chunk at once, dq and dk per value head, dbeta and dg;
+5. on the host side of the kernels, in torch: the sum of dq / dk over a GVA group and the l2-norm's
+   backward.
+
+So the memory the backward holds beyond the gradients is the forward's per-chunk operators (as the
+forward's) and two per-chunk states in q's dtype (32 KB each per chunk and value head, as FLA's h and
+dh); nothing is kept between forward and backward but the inputs.
+"""
+import functools
+
+import torch
+
+from ..chunked_backward import l2norm_backward
+from ..inputs import host_table, sequence_starts
+from .chunk_gradients import chunk_gradients_kernel
+from .chunk_matrices import CHUNK
+from .forward import (DTYPES, HEAD_DIM, MAX_GRID_Z, _compile, _tables, entry, flat, on_device, prepare, ready,
+                      recurrence_kernel, unused_rows, unused_states)
+from .state_gradient import state_gradient_kernel
+
+WALK_V_TILES = (64, 128)             # state_gradient variants: V columns per CTA
+
+
+def variants(dtype: str):
+    """The backward's own kernels for ``dtype`` (the forward's module lists them with its own)."""
+    out = [(f"chunk_gradients[{dtype}]", functools.partial(gradients_kernel, dtype))]
+    for bv in WALK_V_TILES:
+        out.append((f"state_gradient[{dtype},BV={bv}]", functools.partial(walk_kernel, dtype, bv)))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def gradients_kernel(dtype: str):
+    return _compile(chunk_gradients_kernel, HEAD_DIM, HEAD_DIM, dtype, fast_math=True)
+
+
+@functools.lru_cache(maxsize=None)
+def walk_kernel(dtype: str, bv: int):
+    return _compile(state_gradient_kernel, HEAD_DIM, HEAD_DIM, bv, dtype, fast_math=True)
+
+
+@functools.lru_cache(maxsize=256)
+def _walk_table(seq_lens: tuple[int, ...], stride: int | None, device: torch.device):
+    """(first token, length, first chunk) per sequence: the recompute's and the walk's table."""
+    starts = sequence_starts(seq_lens, stride)
+    rows, first = [], 0
+    for s, L in zip(starts, seq_lens):
+        rows += [s, L, first]
+        first += -(-L // CHUNK)
+    return host_table(rows, torch.int32, device).reshape(-1, 3)
+
+
+def hopper_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm_in_kernel: bool, cu_seqlens,
+                    seq_lens, state_v_first: bool, do, dht, needs_dh0: bool = True, walk_tile: int = 64):
+    """Gradients (dq, dk, dv, dg, dbeta, dh0) of ``hopper_forward``'s call; dh0 is None without an
+    initial state (or when ``needs_dh0`` is False). ``dht``: the final state's gradient, or None."""
+    B, Tn, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    seq_lens = tuple(seq_lens) if seq_lens is not None else (Tn,) * B
+    N, tokens, dev = len(seq_lens), B * Tn, q.device
+    stride = Tn if cu_seqlens is None else None
+    store_dh0 = initial_state is not None and needs_dh0
+    dh0 = torch.empty(N, HV, K * V, dtype=torch.float32, device=dev) if store_dh0 else None
+    dv = torch.empty(tokens, HV, V, dtype=q.dtype, device=dev)
+    dq_heads = torch.empty(tokens, HV, K, dtype=torch.float32, device=dev)
+    dk_heads = torch.empty(tokens, HV, K, dtype=torch.float32, device=dev)
+    dg = torch.empty(tokens, HV, dtype=torch.float32, device=dev)
+    dbeta = torch.empty(tokens, HV, dtype=torch.float32, device=dev)
+    if dht is not None:
+        dht = flat(dht, N, HV, K * V, dtype=torch.float32)
+
+    if tokens == 0 or sum(seq_lens) == 0:
+        for x in (dv, dq_heads, dk_heads, dg, dbeta):
+            x.zero_()
+        if dh0 is not None:
+            dh0.copy_(dht) if dht is not None else dh0.zero_()
+    else:
+        ready(DTYPES[q.dtype])
+        _, chunks = _tables(seq_lens, stride, dev)
+        seqs = _walk_table(seq_lens, stride, dev)
+        assert seqs.shape[0] <= MAX_GRID_Z and chunks.shape[0] <= MAX_GRID_Z, "too many sequences / chunks"
+        qf, kf, vf, dof = flat(q, tokens, H, K), flat(k, tokens, H, K), flat(v, tokens, HV, V), flat(do, tokens, HV, V)
+        h0 = None if initial_state is None else flat(initial_state, N, HV, K * V, dtype=torch.float32)
+        a0g = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=dev)
+        states = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev)
+        dstates = torch.empty_like(states)
+        no_state = unused_rows(HV, K * V, torch.float32, dev)
+        v_first = int(bool(state_v_first))
+        with on_device(dev):
+            ag, coef, _ = prepare(qf, kf, g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel, a0g=a0g)
+            entry(recurrence_kernel(DTYPES[q.dtype], 128, save_states=True))(
+                qf, kf, vf, ag, coef, seqs, h0 if h0 is not None else no_state, vf, no_state, states,
+                int(h0 is not None), 0, v_first)
+            entry(walk_kernel(DTYPES[q.dtype], walk_tile))(
+                qf, kf, dof, ag, coef, seqs, dht if dht is not None else no_state, dv,
+                dh0 if dh0 is not None else no_state, dstates, int(dht is not None), int(dh0 is not None), v_first)
+            entry(gradients_kernel(DTYPES[q.dtype]))(
+                qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, dq_heads, dk_heads, dbeta, dg, float(scale))
+
+    group = HV // H
+    dq, dk = (x.view(tokens, H, group, K).sum(2) if group > 1 else x.view(tokens, H, K) for x in (dq_heads, dk_heads))
+    if use_qk_l2norm_in_kernel:
+        dq = l2norm_backward(q.reshape(tokens, H, K).float(), dq)
+        dk = l2norm_backward(k.reshape(tokens, H, K).float(), dk)
+    if dh0 is not None:
+        dh0 = dh0.view(N, HV, V, K) if state_v_first else dh0.view(N, HV, K, V)
+        dh0 = dh0.to(initial_state.dtype)
+    return (dq.to(q.dtype).view(B, Tn, H, K), dk.to(k.dtype).view(B, Tn, H, K), dv.view(B, Tn, HV, V),
+            dg.to(g.dtype).view(g.shape), dbeta.to(beta.dtype).view(beta.shape), dh0)

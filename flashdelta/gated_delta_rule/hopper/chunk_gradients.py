@@ -1,0 +1,239 @@
+"""Backward, per chunk: dq, dk, dbeta and dg of one 64-token chunk and value head.
+
+``chunked_backward.chunk_local_gradients`` on the device: one CTA per (value head, chunk), all chunks
+at once, from the state entering the chunk (``chunk_recurrence`` in its ``save_states`` variant), the
+gradient of the state leaving it and dv (both from ``state_gradient``), dO, and the gated inverse
+``A0g = Gamma * A0`` (``chunk_matrices`` with ``store_a0g``). With Q~ = scale Q, K and Q after the
+l2-norm, b = e^gamma, Ag = A0g diag(beta) (DESIGN section 7):
+
+    U = V - diag(b) K S          V' = Ag U          P = Gamma * (Q~ K^T)
+    dV' = diag(b_C / b) K dS' + P^T dO              dP = Gamma * (dO V'^T)
+    dQ~ = diag(b) dO S^T + dP K
+    dK  = dP^T Q~ + diag(b_C / b) V' dS'^T - diag(b) dU S^T + (H + H^T) K
+    dAg = dV' U^T,   dbeta_j = sum_i dAg_ij A0g_ij + sum_j' dLg_jj' (Gamma * K K^T)_jj'
+    dLg = -StrictLower(A0g^T Y A0g^T),  Y = StrictLower(dAg) diag(beta),  H = dLg * Gamma * beta_i
+
+and dgamma_i, every e^gamma factor's term (+ row i of each gated product for e^gamma_i, - column j
+for e^-gamma_j, the state's ``b_C <dS', S>`` on the last row), reverse-summed into dg, all in fp32.
+
+Rows past the chunk's end are made what the PyTorch path pads with: q, k, v, dO and dv rows zeroed,
+beta 0, gamma held at the last valid row's, A0g's rows the identity's. Then no mask is needed anywhere
+else and the kernel computes exactly the specification. dq and dk are per value head and w.r.t. the
+normalised q / k; the caller sums a GVA group and applies the l2-norm's backward.
+
+Shared memory (208 KB) holds q, k, v (then U), dO, dv, V' and dV' (64 x 128 each), S^T and dS'^T
+(128 x 128), A0g and three 64 x 64 operands reused as the walk goes (Ag, then P, then A0g^T's
+product, then H; dP; Y).
+"""
+import tilelang.language as T
+
+from .chunk_matrices import COEFS
+
+CHUNK = 64
+ACC = "float32"
+
+
+def chunk_gradients_kernel(K: int, V: int, dtype: str, threads: int = 256):
+    """The prim_func for head dims K, V and q/k/v dtype; lengths and head counts are dynamic."""
+    C = CHUNK
+    num_tokens = T.dynamic("num_tokens")
+    qk_heads = T.dynamic("qk_heads")
+    v_heads = T.dynamic("v_heads")
+    num_chunks = T.dynamic("num_chunks")
+
+    @T.macro
+    def row_sum(x, out, terms, row, dim):
+        """terms[row, :] = the sum of the fragment x over ``dim`` (1: per row, 0: per column), through ``out``."""
+        T.reduce_sum(x, out, dim=dim)
+        for i in T.Parallel(C):
+            terms[row, i] = out[i]
+
+    @T.prim_func
+    def chunk_gradients(
+        q: T.Tensor((num_tokens, qk_heads, K), dtype),
+        k: T.Tensor((num_tokens, qk_heads, K), dtype),
+        v: T.Tensor((num_tokens, v_heads, V), dtype),
+        do: T.Tensor((num_tokens, v_heads, V), dtype),
+        dv: T.Tensor((num_tokens, v_heads, V), dtype),
+        a0g: T.Tensor((num_tokens, v_heads, C), dtype),
+        coef: T.Tensor((v_heads, num_tokens, COEFS), ACC),
+        chunks: T.Tensor((num_chunks, 2), "int32"),        # (first token, valid rows) per chunk
+        states: T.Tensor((num_chunks, v_heads, V, K), dtype),
+        dstates: T.Tensor((num_chunks, v_heads, V, K), dtype),
+        dq: T.Tensor((num_tokens, v_heads, K), ACC),
+        dk: T.Tensor((num_tokens, v_heads, K), ACC),
+        dbeta: T.Tensor((num_tokens, v_heads), ACC),
+        dg: T.Tensor((num_tokens, v_heads), ACC),
+        scale: T.float32,
+    ):
+        with T.Kernel(v_heads, num_chunks, threads=threads) as (h, c):
+            hk = h // (v_heads // qk_heads)
+            t0 = chunks[c, 0]
+            n = chunks[c, 1]
+
+            q_s = T.alloc_shared((C, K), dtype)
+            k_s = T.alloc_shared((C, K), dtype)
+            v_s = T.alloc_shared((C, V), dtype)            # V, then U
+            do_s = T.alloc_shared((C, V), dtype)
+            dv_s = T.alloc_shared((C, V), dtype)
+            vn_s = T.alloc_shared((C, V), dtype)           # V'
+            dvn_s = T.alloc_shared((C, V), dtype)          # dV'
+            st_s = T.alloc_shared((V, K), dtype)           # S^T
+            dst_s = T.alloc_shared((V, K), dtype)          # dS'^T
+            a0g_s = T.alloc_shared((C, C), dtype)
+            x1_s = T.alloc_shared((C, C), dtype)           # Ag, P, Y A0g^T, H
+            dp_s = T.alloc_shared((C, C), dtype)
+            y_s = T.alloc_shared((C, C), dtype)
+            cf_s = T.alloc_shared((C, COEFS), ACC)
+            gam = T.alloc_shared((C,), ACC)                # gamma log2(e), held past the end
+            bet = T.alloc_shared((C,), ACC)
+            terms = T.alloc_shared((10, C), ACC)           # the row / column sums below, one row each
+            sdot = T.alloc_shared((1,), ACC)               # <dS', S>
+
+            cv = T.alloc_fragment((C, V), ACC)
+            qk = T.alloc_fragment((C, C), ACC)
+            dpf = T.alloc_fragment((C, C), ACC)
+            cc = T.alloc_fragment((C, C), ACC)
+            dqf = T.alloc_fragment((C, K), ACC)
+            dkf = T.alloc_fragment((C, K), ACC)
+            ck = T.alloc_fragment((C, K), ACC)
+            red = [T.alloc_fragment((C,), ACC) for _ in range(9)]
+            sd = T.alloc_fragment((V // 4, K), ACC)
+            sdr = T.alloc_fragment((V // 4,), ACC)
+            sdt = T.alloc_fragment((1,), ACC)
+
+            T.copy(q[t0:t0 + C, hk, 0:K], q_s)
+            T.copy(k[t0:t0 + C, hk, 0:K], k_s)
+            T.copy(v[t0:t0 + C, h, 0:V], v_s)
+            T.copy(do[t0:t0 + C, h, 0:V], do_s)
+            T.copy(dv[t0:t0 + C, h, 0:V], dv_s)
+            T.copy(a0g[t0:t0 + C, h, 0:C], a0g_s)
+            T.copy(coef[h, t0:t0 + C, 0:COEFS], cf_s)
+            T.copy(states[c, h, 0:V, 0:K], st_s)
+            T.copy(dstates[c, h, 0:V, 0:K], dst_s)
+
+            # the chunk as the PyTorch path pads it (module note)
+            for i in T.Parallel(C):
+                gam[i] = cf_s[T.min(i, n - 1), 4]
+                bet[i] = cf_s[i, 7] * T.Cast(ACC, i < n)
+            for i, j in T.Parallel(C, K):
+                q_s[i, j] = q_s[i, j] * cf_s[i, 5] * T.Cast(ACC, i < n)
+                k_s[i, j] = k_s[i, j] * cf_s[i, 6] * T.Cast(ACC, i < n)
+            for i, j in T.Parallel(C, V):
+                v_s[i, j] = v_s[i, j] * T.Cast(ACC, i < n)
+                do_s[i, j] = do_s[i, j] * T.Cast(ACC, i < n)
+                dv_s[i, j] = dv_s[i, j] * T.Cast(ACC, i < n)
+            for i, j in T.Parallel(C, C):
+                a0g_s[i, j] = T.Select(i < n, T.Cast(ACC, a0g_s[i, j]), T.Cast(ACC, i == j))
+            for i, j in T.Parallel(C, C):
+                x1_s[i, j] = a0g_s[i, j] * bet[j]                                    # Ag
+
+            # U = V - diag(b) K S, V' = Ag U
+            T.gemm(k_s, st_s, cv, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, V):
+                v_s[i, j] = v_s[i, j] - T.exp2(gam[i]) * cv[i, j]
+            T.gemm(x1_s, v_s, cv, clear_accum=True)
+            T.copy(cv, vn_s)
+
+            # P = Gamma * (Q~ K^T); dV' = diag(b_C / b) K dS' + P^T dO
+            T.gemm(q_s, k_s, qk, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, C):
+                x1_s[i, j] = qk[i, j] * T.Cast(ACC, i >= j) * T.exp2(T.min(gam[i] - gam[j], 0.0))
+            T.gemm(k_s, dst_s, cv, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, V):
+                cv[i, j] = cv[i, j] * T.exp2(gam[C - 1] - gam[i])
+            T.gemm(x1_s, do_s, cv, transpose_A=True)
+            T.copy(cv, dvn_s)
+
+            # dP = Gamma * (dO V'^T); its gate terms F = dP * (Q~ K^T)
+            T.gemm(do_s, vn_s, dpf, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, C):
+                dpf[i, j] = dpf[i, j] * T.Cast(ACC, i >= j) * T.exp2(T.min(gam[i] - gam[j], 0.0))
+            T.copy(dpf, dp_s)
+            for i, j in T.Parallel(C, C):
+                cc[i, j] = dpf[i, j] * qk[i, j]
+            row_sum(cc, red[0], terms, 0, 1)
+            row_sum(cc, red[1], terms, 1, 0)
+
+            # dQ~ = diag(b) dO S^T + dP K (the first term's gate term: rows of Q~ * it)
+            T.gemm(do_s, st_s, dqf, clear_accum=True)
+            for i, j in T.Parallel(C, K):
+                dqf[i, j] = dqf[i, j] * T.exp2(gam[i])
+            for i, j in T.Parallel(C, K):
+                ck[i, j] = dqf[i, j] * q_s[i, j]
+            row_sum(ck, red[2], terms, 2, 1)
+            T.gemm(dp_s, k_s, dqf)
+
+            # dK = diag(b_C / b) V' dS'^T - diag(b) dU S^T + dP^T Q~ (+ through Lg, below)
+            T.gemm(vn_s, dst_s, dkf, clear_accum=True)
+            for i, j in T.Parallel(C, K):
+                dkf[i, j] = dkf[i, j] * T.exp2(gam[C - 1] - gam[i])
+            for i, j in T.Parallel(C, K):
+                ck[i, j] = dkf[i, j] * k_s[i, j]
+            row_sum(ck, red[3], terms, 3, 1)                                     # the state's input
+            T.gemm(dv_s, st_s, ck, clear_accum=True)
+            for i, j in T.Parallel(C, K):
+                ck[i, j] = -ck[i, j] * T.exp2(gam[i])
+            for i, j in T.Parallel(C, K):
+                dkf[i, j] = dkf[i, j] + ck[i, j]
+                ck[i, j] = ck[i, j] * k_s[i, j]
+            row_sum(ck, red[4], terms, 4, 1)
+            T.gemm(dp_s, q_s, dkf, transpose_A=True)
+
+            # dAg = dV' U^T: beta's direct term, and Y = StrictLower(dAg) diag(beta)
+            T.gemm(dvn_s, v_s, cc, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, C):
+                y_s[i, j] = cc[i, j] * bet[j] * T.Cast(ACC, i > j)
+            for i, j in T.Parallel(C, C):
+                cc[i, j] = cc[i, j] * a0g_s[i, j]
+            row_sum(cc, red[5], terms, 5, 0)
+
+            # dLg = -StrictLower(A0g^T (Y A0g^T))
+            T.gemm(y_s, a0g_s, cc, transpose_B=True, clear_accum=True)
+            T.copy(cc, x1_s)
+            T.gemm(a0g_s, x1_s, dpf, transpose_A=True, clear_accum=True)
+            T.gemm(k_s, k_s, qk, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(C, C):
+                qk[i, j] = qk[i, j] * T.Cast(ACC, i > j) * T.exp2(T.min(gam[i] - gam[j], 0.0))      # Gamma * K K^T
+                dpf[i, j] = -dpf[i, j] * T.Cast(ACC, i > j)                                       # dLg
+            for i, j in T.Parallel(C, C):
+                cc[i, j] = dpf[i, j] * qk[i, j]
+            row_sum(cc, red[6], terms, 6, 1)                                     # beta's term through Lg
+            for i, j in T.Parallel(C, C):
+                cc[i, j] = cc[i, j] * bet[i]                                        # dLg * Lg
+            row_sum(cc, red[7], terms, 7, 1)
+            row_sum(cc, red[8], terms, 8, 0)
+            for i, j in T.Parallel(C, C):
+                x1_s[i, j] = dpf[i, j] * bet[i] * T.exp2(T.min(gam[i] - gam[j], 0.0))             # H
+            T.gemm(x1_s, k_s, dkf)
+            T.gemm(x1_s, k_s, dkf, transpose_A=True)
+
+            # <dS', S>, a quarter of the rows at a time
+            T.clear(sdr)
+            for part in T.serial(4):
+                for i, j in T.Parallel(V // 4, K):
+                    sd[i, j] = T.Cast(ACC, st_s[part * (V // 4) + i, j]) * T.Cast(ACC, dst_s[part * (V // 4) + i, j])
+                T.reduce_sum(sd, sdr, dim=1, clear=False)
+            T.reduce_sum(sdr, sdt, dim=0)
+            sdot[0] = sdt[0]
+
+            # dgamma per row, the state's terms on the last row, reverse-summed into dg
+            for i in T.Parallel(C):
+                terms[9, i] = (terms[0, i] - terms[1, i] + terms[2, i] - terms[3, i] + terms[4, i]
+                               + terms[7, i] - terms[8, i])
+            for i in T.Parallel(C):
+                if i == C - 1:       # b_C <dS', S> + the state input's terms, whose b_C factors enter here
+                    terms[9, i] = terms[9, i] + T.exp2(gam[C - 1]) * sdot[0] + sum(
+                        [terms[3, r] for r in range(C)], T.float32(0))
+            T.cumsum(terms[9, :], dim=0, reverse=True)
+
+            for i, j in T.Parallel(C, K):
+                if i < n:
+                    dq[t0 + i, h, j] = dqf[i, j] * scale
+                    dk[t0 + i, h, j] = dkf[i, j]
+            for i in T.Parallel(C):
+                if i < n:
+                    dbeta[t0 + i, h] = terms[5, i] + terms[6, i]
+                    dg[t0 + i, h] = terms[9, i]
+
+    return chunk_gradients

@@ -1,0 +1,210 @@
+"""Hopper backward against autograd of the float64 reference (needs a CUDA Hopper GPU; skipped elsewhere).
+
+Each kernel is first checked against its stage of ``chunked_backward`` on the same inputs (so a failure
+names the kernel), then the whole backward through ``chunk_gated_delta_rule``'s autograd against
+autograd of the float64 path, with FLA's tolerances (DESIGN section 1)."""
+import pytest
+import torch
+
+import flashdelta
+from flashdelta.gated_delta_rule import chunked_backward as spec
+from flashdelta.gated_delta_rule.chunked import ChunkLayout
+
+from helpers import make_inputs, rel_err
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+TOL = {"o": 5e-3, "ht": 5e-3, "dq": 8e-3, "dk": 8e-3, "dv": 8e-3, "dh0": 8e-3, "dbeta": 2e-2, "dg": 2e-2}
+NAMES = ("dq", "dk", "dv", "dg", "dbeta", "dh0")
+
+
+def _hopper():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an SM90 (Hopper) GPU")
+
+
+def _poison(numel):
+    """Fill the caching allocator's next blocks with NaN so unwritten outputs show up."""
+    held = [torch.full((numel,), float("nan"), dtype=torch.float32, device=DEV) for _ in range(8)]
+    del held
+
+
+def _draw(lens, H, HV, *, varlen, h0=True, l2=False, zero_heads=0, strong_heads=0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
+    q, k, v, g, beta, s0 = make_inputs(B, T, H, HV, 128, 128, h0=h0, num_seqs=len(lens),
+                                       zero_gate_heads=zero_heads, generator=gen)
+    if strong_heads:
+        g[..., -strong_heads:] = -8 * torch.rand(B, T, strong_heads, generator=gen, dtype=torch.float64)
+    if l2:                      # in-kernel normalisation: feed unnormalised q and k
+        k = k * (1 + 3 * torch.rand(k.shape[:-1], generator=gen, dtype=torch.float64))[..., None]
+    else:
+        q = torch.nn.functional.normalize(q, dim=-1)
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32) if varlen else None
+    return q, k, v, g, beta, s0, cu
+
+
+def _check(lens, H, HV, *, varlen, h0=True, l2=False, v_first=False, final=True, d_final=True, d_out=True,
+           zero_heads=0, strong_heads=0, dtype=torch.bfloat16, seed=0):
+    _hopper()
+    q, k, v, g, beta, s0, cu = _draw(lens, H, HV, varlen=varlen, h0=h0, l2=l2, zero_heads=zero_heads,
+                                     strong_heads=strong_heads, seed=seed)
+    if s0 is not None and v_first:
+        s0 = s0.transpose(-1, -2).contiguous()
+    gen = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(*v.shape, generator=gen, dtype=torch.float64)
+    N = len(lens)
+    dht = torch.randn(N, HV, 128, 128, generator=gen, dtype=torch.float64)
+    kw = dict(scale=0.1, output_final_state=final, use_qk_l2norm_in_kernel=l2, state_v_first=v_first,
+              cu_seqlens=None if cu is None else cu.to(DEV))
+
+    def grads(inputs, backend):
+        leaves = [x.to(DEV).requires_grad_() if x is not None else None for x in inputs]
+        o, s = flashdelta.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5], backend=backend, **kw)
+        loss = 0
+        if d_out:
+            loss = loss + (o.double() * do.to(DEV)).sum()
+        if final and d_final:
+            loss = loss + (s.double() * dht.to(DEV)).sum()
+        wrt = [x for x in leaves if x is not None]
+        return o, s, dict(zip(NAMES, torch.autograd.grad(loss, wrt)))
+
+    o_ref, s_ref, g_ref = grads((q, k, v, g, beta, s0), "torch")
+    _poison(4 * sum(lens) * HV * 128)
+    low = [x.to(dtype) for x in (q, k, v)] + [g.float(), beta.float(), None if s0 is None else s0.float()]
+    assert flashdelta.explain(*[x.to(DEV).requires_grad_() for x in low[:5]],
+                              initial_state=None if s0 is None else low[5].to(DEV),
+                              cu_seqlens=kw["cu_seqlens"]).endswith("; TileLang backward")
+    o, s, g_got = grads(low, "auto")
+    errs = {"o": rel_err(o, o_ref)}
+    if final:
+        errs["ht"] = rel_err(s, s_ref)
+    errs.update({n: rel_err(g_got[n], g_ref[n]) for n in g_ref})
+    bad = {n: e for n, e in errs.items() if not e <= TOL[n]}
+    assert not bad, f"errors {errs}"
+
+
+@pytest.mark.parametrize("T", [1, 63, 65, 1000])
+def test_lengths(T):
+    _check([T], 1, 2, varlen=False)
+
+
+def test_batched_random_shape():
+    _check([300, 300], 2, 4, varlen=False, zero_heads=1, strong_heads=1)
+
+
+def test_varlen_empty_and_single_token_sequences():
+    _check([0, 1, 129, 0, 270], 2, 2, varlen=True)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_gva(group):
+    _check([200, 77], 2, 2 * group, varlen=True, zero_heads=1, strong_heads=1)
+
+
+def test_l2norm_state_v_first_fp16():
+    _check([150, 250], 1, 2, varlen=True, l2=True, v_first=True, dtype=torch.float16)
+
+
+def test_no_initial_state_no_final_state():
+    _check([190], 2, 2, varlen=False, h0=False, final=False)
+
+
+def test_final_state_gradient_alone():
+    _check([130, 64], 1, 2, varlen=True, d_out=False)
+
+
+def test_output_gradient_alone_with_final_state():
+    _check([130, 64], 1, 2, varlen=True, d_final=False)
+
+
+def test_long_sequence():
+    _check([65600], 1, 2, varlen=False, zero_heads=1)
+
+
+def test_frozen_inputs_get_no_gradient():
+    _hopper()
+    q, k, v, g, beta, s0, _ = _draw([200], 1, 2, varlen=False)
+    q, k, v = (x.to(DEV, torch.bfloat16) for x in (q, k, v))
+    g, beta, s0 = (x.to(DEV, torch.float32) for x in (g, beta, s0))
+    v.requires_grad_()
+    o, _ = flashdelta.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=s0)
+    o.float().sum().backward()
+    assert v.grad is not None and torch.isfinite(v.grad).all()
+    assert all(x.grad is None for x in (q, k, g, beta, s0))
+
+
+def test_same_gradients_run_to_run():
+    _hopper()
+    q, k, v, g, beta, s0, cu = _draw([300, 500], 2, 4, varlen=True)
+    xs = [x.to(DEV, torch.bfloat16) for x in (q, k, v)] + [x.to(DEV, torch.float32) for x in (g, beta, s0)]
+    runs = []
+    for _ in range(2):
+        leaves = [x.clone().requires_grad_() for x in xs]
+        o, s = flashdelta.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True,
+                                                 cu_seqlens=cu.to(DEV))
+        runs.append(torch.autograd.grad(o.float().square().sum() + s.sum(), leaves))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_each_kernel_against_its_stage():
+    """The three backward kernels on the same inputs as their ``chunked_backward`` stage."""
+    _hopper()
+    from flashdelta.gated_delta_rule.hopper import backward as hb, forward as hf
+    lens, H, HV = (130, 300), 1, 2
+    q, k, v, g, beta, s0, cu = _draw(list(lens), H, HV, varlen=True)
+    tokens = sum(lens)
+    dtype = torch.bfloat16
+    gen = torch.Generator().manual_seed(5)
+    do = torch.randn(*v.shape, generator=gen, dtype=torch.float64)
+    dht = torch.randn(2, HV, 128, 128, generator=gen, dtype=torch.float64)
+    q16, k16, v16, do16 = (x.to(DEV, dtype).view(tokens, -1, 128) for x in (q, k, v, do))
+    gf, bf = g.to(DEV, torch.float32).view(tokens, HV), beta.to(DEV, torch.float32).view(tokens, HV)
+    _, chunks = hf._tables(lens, None, torch.device(DEV))
+    seqs = hb._walk_table(lens, None, torch.device(DEV))
+    a0g = torch.empty(tokens, HV, 64, dtype=dtype, device=DEV)
+    ag, coef, _ = hf.prepare(q16, k16, gf, bf, chunks, HV, 0.1, False, a0g=a0g)
+    NC = chunks.shape[0]
+    states = torch.full((NC, HV, 128, 128), float("nan"), dtype=dtype, device=DEV)
+    hf.entry(hf.recurrence_kernel("bfloat16", 128, save_states=True))(
+        q16, k16, v16, ag, coef, seqs, s0.to(DEV, torch.float32).view(2, HV, -1), v16,
+        hf.unused_rows(HV, 128 * 128, torch.float32, q16.device), states, 1, 0, 0)
+    dstates, dv = torch.full_like(states, float("nan")), torch.full_like(v16, float("nan"))
+    dh0 = torch.full((2, HV, 128 * 128), float("nan"), device=DEV)
+    hb.entry(hb.walk_kernel("bfloat16", 64))(q16, k16, do16, ag, coef, seqs, dht.to(DEV, torch.float32).view(2, HV, -1),
+                                               dv, dh0, dstates, 1, 1, 0)
+    outs = [torch.full((tokens, HV, 128), float("nan"), device=DEV) for _ in range(2)]
+    outs += [torch.full((tokens, HV), float("nan"), device=DEV) for _ in range(2)]
+    hb.entry(hb.gradients_kernel("bfloat16"))(q16, k16, v16, do16, dv, a0g, coef, chunks, states, dstates, *outs, 0.1)
+
+    # the stages in float64 on the same (bf16-rounded) inputs
+    layout = ChunkLayout.build(lens, None, torch.device(DEV))
+    r = lambda x: x.to(DEV, dtype).double()  # noqa: E731
+    qc, kc = (layout.gather(r(x).repeat_interleave(HV // H, dim=2)) for x in (q, k))
+    vc, doc = layout.gather(r(v)), layout.gather(r(do))
+    gc, bc = layout.gather(g.to(DEV)), layout.gather(beta.to(DEV))
+    S = spec.chunk_entry_states(kc, vc, gc, bc, s0.to(DEV))
+    dS, dvc, dh0_ref = spec.state_gradient_walk(qc, kc, gc, bc, 0.1, doc, dht.to(DEV))
+    # chunk-layout [N, HV, NC_max, ...] -> the kernels' packed chunk order
+    per_chunk = lambda x: torch.cat([x[n, :, :-(-L // 64)].transpose(0, 1) for n, L in enumerate(lens)])  # noqa: E731
+    errs = {"states": rel_err(states.transpose(-1, -2), per_chunk(S)),
+            "dstates": rel_err(dstates.transpose(-1, -2), per_chunk(dS)),
+            "dv": rel_err(dv.view(1, tokens, HV, 128), layout.scatter(dvc, 1, tokens)),
+            "dh0": rel_err(dh0.view(2, HV, 128, 128), dh0_ref)}
+    # stage 3 from the kernels' own S, dS' and dv, so that its error is its own
+    S_k = torch.zeros_like(S)
+    dS_k = torch.zeros_like(dS)
+    first = 0
+    for n, L in enumerate(lens):
+        nc = -(-L // 64)
+        S_k[n, :, :nc] = states[first:first + nc].transpose(0, 1).transpose(-1, -2).double()
+        dS_k[n, :, :nc] = dstates[first:first + nc].transpose(0, 1).transpose(-1, -2).double()
+        first += nc
+    dv_k = layout.gather(dv.view(1, tokens, HV, 128).double())
+    ref = spec.chunk_local_gradients(qc, kc, vc, gc, bc, 0.1, S_k, dS_k, doc, dv_k)
+    for name, got, want in zip(("dq", "dk", "dbeta", "dg"), outs, ref):
+        want = layout.scatter(want if want.dim() == 5 else want[..., None], 1, tokens)
+        errs[name] = rel_err(got.view(want.shape), want)
+    bad = {n: e for n, e in errs.items() if not e <= 1e-2}
+    assert not bad, f"errors {errs}"

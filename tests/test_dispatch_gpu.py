@@ -32,7 +32,8 @@ def test_inference_without_grad_runs_the_kernels():
 
 def test_gradients_run_the_kernels_backward():
     xs = inputs(requires_grad=True)
-    assert flashdelta.explain(*xs[:5], initial_state=xs[5]) == "tilelang, unsplit, V tile 128; TileLang backward"
+    path = flashdelta.explain(*xs[:5], initial_state=xs[5])
+    assert path.startswith("tilelang, unsplit") and path.endswith("; TileLang backward")
     o, s = call(xs)
     (o.float().sum() + s.sum()).backward()
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in xs)

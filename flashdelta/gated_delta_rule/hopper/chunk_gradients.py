@@ -14,7 +14,7 @@ l2-norm, b = e^gamma, Ag = A0g diag(beta) (DESIGN section 7):
     dLg = -StrictLower(A0g^T Y A0g^T),  Y = StrictLower(dAg) diag(beta),  H = dLg * Gamma * beta_i
 
 and dgamma_i, every e^gamma factor's term (+ row i of each gated product for e^gamma_i, - column j
-for e^-gamma_j, the state's ``b_C <dS', S>`` on the last row), reverse-summed into dg, all in fp32.
+for e^-gamma_j, the state's ``b_C <dS', S>`` on the last row), reverse-summed into dg (each row sums its own tail: 64 shared reads, no scan), all in fp32.
 
 Rows past the chunk's end are made what the PyTorch path pads with: q, k, v, dO and dv rows zeroed,
 beta 0, gamma held at the last valid row's, A0g's rows the identity's. Then no mask is needed anywhere
@@ -89,6 +89,7 @@ def chunk_gradients_kernel(K: int, V: int, dtype: str, threads: int = 256):
             bet = T.alloc_shared((C,), ACC)
             terms = T.alloc_shared((10, C), ACC)           # the row / column sums below, one row each
             sdot = T.alloc_shared((1,), ACC)               # <dS', S>
+            dgam = T.alloc_shared((C,), ACC)
 
             cv = T.alloc_fragment((C, V), ACC)
             qk = T.alloc_fragment((C, C), ACC)
@@ -217,15 +218,17 @@ def chunk_gradients_kernel(K: int, V: int, dtype: str, threads: int = 256):
             T.reduce_sum(sdr, sdt, dim=0)
             sdot[0] = sdt[0]
 
-            # dgamma per row, the state's terms on the last row, reverse-summed into dg
+            # dgamma per row, the state's terms on the last row (b_C <dS', S> and the state input's
+            # terms, whose b_C factors enter there), reverse-summed into dg
             for i in T.Parallel(C):
-                terms[9, i] = (terms[0, i] - terms[1, i] + terms[2, i] - terms[3, i] + terms[4, i]
-                               + terms[7, i] - terms[8, i])
+                dgam[i] = (terms[0, i] - terms[1, i] + terms[2, i] - terms[3, i] + terms[4, i]
+                           + terms[7, i] - terms[8, i])
             for i in T.Parallel(C):
-                if i == C - 1:       # b_C <dS', S> + the state input's terms, whose b_C factors enter here
-                    terms[9, i] = terms[9, i] + T.exp2(gam[C - 1]) * sdot[0] + sum(
-                        [terms[3, r] for r in range(C)], T.float32(0))
-            T.cumsum(terms[9, :], dim=0, reverse=True)
+                if i == C - 1:
+                    dgam[i] = dgam[i] + T.exp2(gam[C - 1]) * sdot[0] + sum([terms[3, r] for r in range(C)],
+                                                                           T.float32(0))
+            for i in T.Parallel(C):
+                terms[9, i] = sum([T.Select(r >= i, dgam[r], 0.0) for r in range(C)], T.float32(0))
 
             for i, j in T.Parallel(C, K):
                 if i < n:

@@ -212,6 +212,20 @@ def test_report_formatting(tmp_path):
     assert report.plot(record, tmp_path / "r.png") is None and (tmp_path / "r.png").stat().st_size > 0
 
 
+def test_report_backward_and_memory_columns():
+    record = _record()
+    first = record["results"][0]["impls"]
+    first["flashdelta"].update(bwd_eager=_timing(0.15), peak_mib=300.4)
+    first["FLA"].update(bwd_eager=_timing(0.75), peak_mib=512.0)
+    md = report.markdown(record)
+    head = next(line for line in md.splitlines() if line.startswith("| config"))
+    assert "bwd alone ms, eager" in head and "peak MiB" in head
+    row = next(line for line in md.splitlines() if line.startswith("| 1x32768"))
+    assert "| 0.150 / 0.750 / — |" in row and "| 300 / 512 / — |" in row
+    assert len(row.split("|")) == len(head.split("|"))
+    assert "bwd alone" not in report.markdown(_record())
+
+
 def test_stem_from_gpu_name():
     from flashdelta.bench.environment import short_name
     assert short_name("NVIDIA H100 80GB HBM3") == "H100"

@@ -51,6 +51,14 @@ def run(impl, inp: InputSet, cfg: Config) -> dict[str, torch.Tensor]:
     return {"o": o, "ht": ht, **dict(zip(GRAD_NAMES, grads))}
 
 
+def backward_only(impl, inp: InputSet):
+    """The backward alone: one forward with autograd now, then a function that takes the gradients of
+    that forward's outputs again (the autograd graph is kept, so every call redoes the same backward)."""
+    o, ht = impl(inp)
+    seeds = (inp.do.to(o.dtype), inp.dht.to(ht.dtype))
+    return lambda: torch.autograd.grad((o, ht), inp.leaves, seeds, retain_graph=True)
+
+
 class Impl:
     name = ""
     timed = True                # False: used only as a correctness reference

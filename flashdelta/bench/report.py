@@ -82,6 +82,11 @@ def _host(result: dict, names) -> str:
     return " / ".join("—" if t is None else f"{t * 1e3:.0f}" for t in values)
 
 
+def _per_impl(result: dict, show) -> str:
+    """``show(impl)`` for flashdelta and each peer, "—" where it did not run."""
+    return " / ".join(show(result["impls"].get(name) or {}) for name in (OURS, *PEERS))
+
+
 def _eager_over_graph(impl: dict | None) -> str:
     eager, graph = best_ms(impl, "eager"), best_ms(impl, "graph")
     return f"{eager / graph:.2f}" if eager and graph else "—"
@@ -104,6 +109,12 @@ def markdown(record: dict) -> str:
             f"FlashQLA ms ({kinds})", "FLA/ours", "FlashQLA/ours", "host us (ours / FLA / FlashQLA)",
             "ours eager/graph", "floor ms", "floor/ours",
             "first call s (ours / FLA / FlashQLA)", "check (rel-RMS)"]
+    with_bwd = any(best_ms(i, "bwd_eager") for r in results for i in r["impls"].values())
+    if with_bwd:
+        head[6:6] = ["bwd alone ms, eager (ours / FLA / FlashQLA)"]
+    with_peak = any(i.get("peak_mib") for r in results for i in r["impls"].values())
+    if with_peak:
+        head[-2:-2] = ["peak MiB (ours / FLA / FlashQLA)"]
     lines = [f"# flashdelta benchmark: {env['device_name']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cell_kinds = ("graph", "eager") if graph else ("eager",)
@@ -128,6 +139,10 @@ def markdown(record: dict) -> str:
                f"{frac[frac_kind]:.3g} ({frac_kind})" if frac else "—",
                _first_calls(r, (OURS, "FLA", "FlashQLA")),
                _check(r)]
+        if with_bwd:
+            row[6:6] = [_per_impl(r, lambda i: _ms(best_ms(i, "bwd_eager")))]
+        if with_peak:
+            row[-2:-2] = [_per_impl(r, lambda i: f"{i['peak_mib']:.0f}" if i.get("peak_mib") else "—")]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", *(f"- {note}" for note in notes(record))]
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ from . import timing
 from .check import judge
 from .configs import Config
 from .inputs import make_inputs, num_sets
-from .peers import Impl, run
+from .peers import Impl, backward_only, run
 from .roofline import Rates, floor
 
 
@@ -57,6 +57,11 @@ def measure_config(cfg: Config, impls: list[Impl], device: torch.device, rates: 
             continue
         if cuda:
             entry["host"] = timing.host(call, n, budget).to_json()
+            entry["peak_mib"] = timing.peak_mib(lambda: call(0))
+            if cfg.mode == "fwdbwd":
+                backwards = [backward_only(impl, s) for s in sets]
+                entry["bwd_eager"] = timing.eager(lambda i: backwards[i](), n, budget).to_json()
+                del backwards
         if cuda and use_graph:
             try:
                 entry["graph"] = timing.graph(call, n, budget).to_json()

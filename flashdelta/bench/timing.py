@@ -7,6 +7,8 @@
   the launch queue never fills, so the loop runs at the host's pace whatever the kernels take. This
   is the host time a call costs its caller (an implementation that synchronises inside pays the wait).
 - cpu: wall clock per call.
+- peak memory: the most memory the caching allocator held during one call beyond what it held before
+  (workspaces, saved activations and the call's outputs and gradients).
 """
 from __future__ import annotations
 
@@ -85,6 +87,17 @@ def host(fn, n_sets: int, budget: Budget) -> Timing:
         if reps is None:                           # the round's whole time, the GPU's included
             reps = budget.reps(time.perf_counter() - start)
     return summarize(samples)
+
+
+def peak_mib(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak / 2**20
 
 
 def eager(fn, n_sets: int, budget: Budget, warmup: int = 3) -> Timing:

@@ -172,6 +172,40 @@ def cp_parts(lens, H, HV, varlen, flat, mats, stats, o_buf):
     }
 
 
+def backward_parts(lens, H, HV, varlen):
+    """The backward's launches alone, each graph-replayed, and the whole backward (``hopper_backward``)."""
+    from flashdelta.gated_delta_rule.hopper import backward as hb
+
+    q, k, v, g, beta, s0, cu = protocol_inputs(lens, H, HV, varlen)
+    seq, scale, tok, dev = tuple(lens), 128 ** -0.5, q.shape[0] * q.shape[1], q.device
+    do, dht = torch.randn_like(v), torch.randn_like(s0)
+    qf, kf, vf, dof = q.view(tok, H, 128), k.view(tok, H, 128), v.view(tok, HV, 128), do.view(tok, HV, 128)
+    _, chunks = hopper._tables(seq, None if varlen else lens[0], dev)
+    seqs = hb._walk_table(seq, None if varlen else lens[0], dev)
+    a0g = torch.empty(tok, HV, 64, dtype=q.dtype, device=dev)
+    ag, coef, _ = hopper.prepare(qf, kf, g, beta, chunks, HV, scale, False, a0g=a0g)
+    states = torch.empty(chunks.shape[0], HV, 128, 128, dtype=q.dtype, device=dev)
+    dstates, dv = torch.empty_like(states), torch.empty_like(vf)
+    h0, dhtf = s0.view(len(lens), HV, -1), dht.view(len(lens), HV, -1)
+    dh0 = torch.empty_like(h0)
+    grads = [torch.empty(tok, HV, 128, device=dev) for _ in range(2)] + [torch.empty(tok, HV, device=dev)
+                                                                         for _ in range(2)]
+    none = hopper.unused_rows(HV, 128 * 128, torch.float32, dev)
+    parts = {
+        "bwd prepare (+A0g)": lambda: hopper.prepare(qf, kf, g, beta, chunks, HV, scale, False, a0g=a0g),
+        "bwd states": lambda: hopper.entry(hopper.recurrence_kernel("bfloat16", 128, save_states=True))(
+            qf, kf, vf, ag, coef, seqs, h0, vf, none, states, 1, 0, 0),
+        "bwd gradients": lambda: hopper.entry(hb.gradients_kernel("bfloat16"))(
+            qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, *grads, scale),
+        "bwd total": lambda: hb.hopper_backward(q, k, v, g, beta, scale, s0, False, cu, seq if varlen else None,
+                                                False, do, dht),
+    }
+    for bv in hb.WALK_V_TILES:
+        parts[f"bwd walk BV={bv}"] = lambda bv=bv: hopper.entry(hb.walk_kernel("bfloat16", bv))(
+            qf, kf, dof, ag, coef, seqs, dhtf, dv, dh0, dstates, 1, 1, 0)
+    return parts
+
+
 def bench(rows, peers=True):
     fla_fwd = fqla_fwd = None
     if peers:
@@ -227,6 +261,7 @@ def bench(rows, peers=True):
         parts = {"prepare": lambda: hopper.prepare(*flat[:2], g, beta, chunks, HV, scale, False)}
         for bv in hopper.V_TILES:
             parts[f"recur BV={bv}"] = lambda bv=bv: hopper.recur(*flat, *mats, seqs, h0f, o_buf, ht_buf, False, bv)
+        parts.update(backward_parts(lens, H, HV, varlen))
         if name == few_ctas:
             try:
                 parts.update(cp_parts(lens, H, HV, varlen, flat, mats, stats, o_buf))

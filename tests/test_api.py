@@ -112,17 +112,38 @@ def test_sequence_lengths_cached_per_tensor():
     assert key not in inputs_mod._lengths_cache
 
 
-def test_fla_keywords():
-    o, _ = call(head_first=False, chunk_size=64, chunk_indices=None, cu_seqlens_cpu=None)
+def test_fla_keywords(caplog):
+    a = args()
+    o, _ = chunk_gated_delta_rule(**a, head_first=False, chunk_size=64, chunk_indices=None, cu_seqlens_cpu=None)
     assert o.shape == (2, 10, 4, 6)
-    for kw in ({"use_gate_in_kernel": True}, {"use_beta_sigmoid_in_kernel": True}, {"allow_neg_eigval": True},
-               {"cp_context": object()}, {"chunk_size": 32}):
-        with pytest.raises(NotImplementedError, match=next(iter(kw))):
-            call(**kw)
+    for size in (16, 32):                      # FLA's chunk sizes: the same result up to rounding
+        assert torch.allclose(chunk_gated_delta_rule(**a, chunk_size=size)[0], o, atol=1e-5)
+    with pytest.raises(ValueError, match="`chunk_size`: expected one of"):
+        call(chunk_size=128)
+    with pytest.raises(NotImplementedError, match="cp_context"):
+        call(cp_context=object())
     with pytest.raises(ValueError, match="head_first"):
         call(head_first=True)
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        call(not_an_option=1)
+    # what models forward in **kwargs is ignored, with a debug log, as FLA does
+    with caplog.at_level("DEBUG", logger="flashdelta"):
+        o2, _ = chunk_gated_delta_rule(**a, use_cache=True, output_router_logits=False, cu_seq_lens_k=None,
+                                       max_length_q=10)
+    assert torch.equal(o, o2)
+    assert "ignoring keyword arguments ['cu_seq_lens_k', 'max_length_q', 'output_router_logits', 'use_cache']" \
+        in caplog.text
+
+
+def test_fla_positional_order():
+    """q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+    use_beta_sigmoid_in_kernel, allow_neg_eigval, state_v_first, cu_seqlens, as FLA orders them."""
+    a = args(B=1, T=12)
+    cu = torch.tensor([0, 5, 12])
+    h0 = torch.randn(2, 4, 8, 6, dtype=torch.float64)
+    want = chunk_gated_delta_rule(*list(a.values())[:5], scale=0.3, initial_state=h0, output_final_state=True,
+                                  use_qk_l2norm_in_kernel=True, use_beta_sigmoid_in_kernel=True,
+                                  allow_neg_eigval=True, cu_seqlens=cu)
+    got = chunk_gated_delta_rule(*list(a.values())[:5], 0.3, h0, True, True, True, True, False, cu)
+    assert all(torch.equal(x, y) for x, y in zip(want, got))
 
 
 def test_transpose_state_layout_alias():

@@ -93,3 +93,26 @@ def test_gradients_take_the_kernel_backward(kernels, varlen, l2, v_first, final,
     for a, e in zip(got, expected):
         assert (a is None) == (e is None)
         assert a is None or rel_err(a, e) <= 1e-10
+
+
+def test_activated_gates_reach_the_kernels(kernels):
+    """use_gate_in_kernel / use_beta_sigmoid_in_kernel on the kernel branch: the kernels get the activated
+    g and beta, and autograd carries the backward on to A_log, dt_bias and the raw inputs."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, g, beta, h0 = make_inputs(1, 130, 1, 2, 8, 8, generator=gen)
+    A_log, dt_bias = torch.randn(2, generator=gen, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    raw = [q, k, v, torch.randn(g.shape, generator=gen, dtype=torch.float64), 2 * beta - 1, h0, A_log, dt_bias]
+
+    def grads(backend):
+        leaves = [x.clone().requires_grad_() for x in raw]
+        o, s = flashdelta.chunk_gated_delta_rule(
+            *leaves[:5], initial_state=leaves[5], output_final_state=True, use_gate_in_kernel=True, A_log=leaves[6],
+            dt_bias=leaves[7], use_beta_sigmoid_in_kernel=True, allow_neg_eigval=True, use_qk_l2norm_in_kernel=True,
+            backend=backend)
+        ((o * o).sum() + s.sum()).backward()
+        return [x.grad for x in leaves]
+
+    expected = grads("torch")
+    got = grads("auto")
+    assert [c[0] for c in kernels] == ["unsplit", "backward"]
+    assert all(rel_err(a, e) <= 1e-10 for a, e in zip(got, expected))

@@ -1,5 +1,6 @@
 """Gated delta rule (Gated DeltaNet): public op, exact references, context-parallel math."""
 from .api import chunk_gated_delta_rule, explain
 from .naive import naive_gated_delta_rule
+from .recurrent import fused_recurrent_gated_delta_rule
 
-__all__ = ["chunk_gated_delta_rule", "explain", "naive_gated_delta_rule"]
+__all__ = ["chunk_gated_delta_rule", "explain", "fused_recurrent_gated_delta_rule", "naive_gated_delta_rule"]

@@ -9,6 +9,7 @@ import torch
 
 from .chunked import chunked_gated_delta_rule
 from .context_parallel import TRUNCATION_TAU
+from .gates import activate, needs_activation
 from .inputs import sm_count, validate
 from .planner import Plan, plan_forward
 
@@ -16,15 +17,15 @@ logger = logging.getLogger("flashdelta")
 
 BACKENDS = ("auto", "tilelang", "torch")
 
-# FLA keyword arguments that change the math and are not implemented yet: name -> value that is a no-op.
-_UNSUPPORTED = {"use_gate_in_kernel": False, "use_beta_sigmoid_in_kernel": False,
-                "allow_neg_eigval": False, "cp_context": None}
-# FLA keyword arguments that do not change the result here.
-_ACCEPTED = ("cu_seqlens_cpu", "chunk_indices", "head_first", "chunk_size", "A_log", "dt_bias")
+# FLA keyword arguments that change nothing here (FLA's own scheduling hints).
+_NO_EFFECT = ("chunk_indices",)
+CHUNK_SIZES = (16, 32, 64)      # FLA's; the result depends on the chunk size only through rounding
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                           use_qk_l2norm_in_kernel=False, cu_seqlens=None, state_v_first=False,
+                           use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
+                           state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, chunk_indices=None,
+                           cp_context=None, *, use_gate_in_kernel=False, A_log=None, dt_bias=None,
                            backend="auto", context_parallel=None, **kwargs):
     r"""Gated delta rule, chunked, with FLA's semantics (``fla.ops.gated_delta_rule.chunk_gated_delta_rule``).
 
@@ -32,10 +33,13 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 
         S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,    o_t = scale * S_t^T q_t
 
+    The positional order is FLA's.
+
     Args:
         q, k: ``[B, T, H, K]``, float16 / bfloat16 / float32 / float64.
         v: ``[B, T, HV, V]``; HV a multiple of H (value head h reads q/k head ``h // (HV // H)``).
-        g: ``[B, T, HV]`` log-decay (natural log, <= 0).  beta: ``[B, T, HV]``.
+        g: ``[B, T, HV]`` log-decay (natural log, <= 0); with ``use_gate_in_kernel`` its raw input.
+        beta: ``[B, T, HV]``; with ``use_beta_sigmoid_in_kernel`` its logits.
         scale: defaults to ``K ** -0.5``.
         initial_state: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first``), any float dtype;
             N = B, or the number of sequences with ``cu_seqlens``.
@@ -43,12 +47,19 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         use_qk_l2norm_in_kernel: normalise q and k (``x / sqrt(sum x^2 + 1e-6)``) first. Without it,
             the kernels need keys with ``|k|^2 < 65504`` (the per-chunk inverse runs on fp16 operands;
             the delta rule itself needs ``beta |k|^2 <= 2``).
-        cu_seqlens: ``[N + 1]`` int32/int64 offsets of independent sequences packed in T (B must be 1);
-            segments may be empty. Its values must be known on the host: pass ``cu_seqlens_cpu`` to
-            avoid any synchronisation; otherwise the offsets are copied to the host once per
-            ``cu_seqlens`` tensor and cached (the only host-device synchronisation of this call), or
-            on every call for an inference tensor, which has no version counter to tell a change.
+        use_beta_sigmoid_in_kernel: beta = sigmoid(beta) first; ``allow_neg_eigval`` doubles it
+            (beta in (0, 2): eigenvalues of I - beta k k^T down to -1); FLA's options, see ``gates``.
         state_v_first: state layout ``[.., V, K]`` instead of ``[.., K, V]``.
+        cu_seqlens: ``[N + 1]`` int32/int64 offsets of independent sequences packed in T (B must be 1);
+            segments may be empty. Its values must be known on the host: pass ``cu_seqlens_cpu`` (the
+            same offsets on the CPU) to avoid any synchronisation; otherwise the offsets are copied to
+            the host once per ``cu_seqlens`` tensor and cached (the only host-device synchronisation of
+            this call), or on every call for an inference tensor, which has no version counter to
+            tell a change.
+        chunk_indices: FLA's precomputed chunk table; not needed here and ignored.
+        cp_context: FLA's multi-GPU context parallelism; not implemented yet (NotImplementedError).
+        use_gate_in_kernel, A_log, dt_bias: g = -exp(A_log) * softplus(g + dt_bias) first, with A_log
+            and dt_bias (optional) of one value per value head (``[HV]``); FLA's option.
         backend: ``"auto"`` (TileLang kernels on Hopper when they apply, else PyTorch), ``"tilelang"``
             or ``"torch"`` (exact chunked PyTorch; differentiable on every device).
         context_parallel: split long sequences into segments processed in parallel (DESIGN section 3):
@@ -56,31 +67,34 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
             that many 64-token chunks per segment. Needs K == V. Where the gate-driven truncation
             applies, results differ from the unsplit ones by at most e^-12 of the state's norm.
 
-    FLA keywords accepted with no effect: ``cu_seqlens_cpu`` (used as above), ``chunk_indices``,
-    ``head_first=False``, ``chunk_size=64``. Not implemented yet (raise ``NotImplementedError``):
-    ``use_gate_in_kernel``, ``use_beta_sigmoid_in_kernel``, ``allow_neg_eigval``, ``cp_context``.
+    Other keywords are FLA's: ``chunk_size`` (16, 32 or 64; the result depends on it only through
+    rounding, and flashdelta computes with 64), ``head_first=False``, ``transpose_state_layout`` (the
+    old name of ``state_v_first``). Unknown keywords are ignored with a debug log, as FLA does, so
+    that models forwarding their ``**kwargs`` (``use_cache``, ``cu_seq_lens_k``, ...) work unchanged.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, HV, V]`` in q's dtype; final_state fp32 (float64 for float64
         inputs) or None.
     """
-    state_v_first = _state_v_first(state_v_first, kwargs)
+    g, beta, state_v_first, context_parallel = _fla_options(
+        g, beta, state_v_first, context_parallel, use_qk_l2norm_in_kernel, cp_context, use_gate_in_kernel, A_log,
+        dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval, **kwargs)
     if torch.compiler.is_compiling():
         # Traced as one opaque op with a shape-only fake: lengths, plans and launches stay out of the graph.
         from .custom_op import compiled_call
-        check_options(backend, context_parallel, kwargs)
+        check_options(backend, context_parallel)
         return compiled_call(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                             cu_seqlens, kwargs.get("cu_seqlens_cpu"), state_v_first, backend, context_parallel)
+                             cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel)
     return run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
-               state_v_first, backend, context_parallel, kwargs)
+               state_v_first, backend, context_parallel, cu_seqlens_cpu)
 
 
 def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
-        state_v_first, backend, context_parallel, kwargs, needs_grad=None):
+        state_v_first, backend, context_parallel, cu_seqlens_cpu=None, needs_grad=None):
     """The eager call. ``needs_grad``: whether the caller differentiates the result (None: from the
     grad mode and the inputs; the compiled op passes what it saw while tracing)."""
     problem, route = _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
-                             context_parallel, kwargs, needs_grad)
+                             context_parallel, cu_seqlens_cpu, needs_grad)
     scale = problem.k_dim ** -0.5 if scale is None else float(scale)
     args = (q, k, v, g, beta, scale, initial_state, bool(output_final_state), bool(use_qk_l2norm_in_kernel))
     batched = cu_seqlens is None
@@ -101,18 +115,20 @@ def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
 
 
 def explain(q, k, v, g, beta, initial_state=None, cu_seqlens=None, state_v_first=False, backend="auto",
-            context_parallel=None, **kwargs) -> str:
+            context_parallel=None, cu_seqlens_cpu=None, **kwargs) -> str:
     """Which path ``chunk_gated_delta_rule`` takes for these arguments, and why (host work only).
 
     E.g. ``"tilelang, unsplit, V tile 128"``, ``"tilelang, context parallel: 16 segments of 32
     chunks, V tile 128"`` or ``"torch (tensors are on cpu, ...)"``; ``"; autograd"`` is added where
     the call will be differentiated (grad mode on and an input requiring grad), which ``no_grad`` and
-    ``inference_mode`` turn off, as they do for the call itself.
+    ``inference_mode`` turn off, as they do for the call itself. Takes the op's other keywords too.
     """
-    state_v_first = _state_v_first(state_v_first, kwargs)
-    kwargs = {n: x for n, x in kwargs.items() if n not in ("scale", "output_final_state", "use_qk_l2norm_in_kernel")}
+    kwargs.pop("scale", None), kwargs.pop("output_final_state", None)
+    l2norm = kwargs.pop("use_qk_l2norm_in_kernel", False)
+    g, beta, state_v_first, context_parallel = _fla_options(g, beta, state_v_first, context_parallel, l2norm,
+                                                            **kwargs)
     return str(_decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend, context_parallel,
-                       kwargs)[1])
+                       cu_seqlens_cpu)[1])
 
 
 @dataclass(frozen=True)
@@ -138,17 +154,39 @@ def _describe_plan(plan: Plan) -> str:
     return f"unsplit, V tile {plan.v_tile}"
 
 
-def _state_v_first(state_v_first, kwargs) -> bool:
-    if "transpose_state_layout" in kwargs:       # FLA's deprecated name for state_v_first
-        state_v_first = state_v_first or bool(kwargs.pop("transpose_state_layout"))
-    return bool(state_v_first)
+def _fla_options(g, beta, state_v_first, context_parallel, l2norm, cp_context=None, use_gate_in_kernel=False,
+                 A_log=None, dt_bias=None, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, **kwargs):
+    """FLA's options: (g, beta) activated as asked (``gates``), ``state_v_first`` (also under FLA's
+    deprecated name ``transpose_state_layout``) and ``context_parallel``. Raises on a value this call
+    cannot honour; logs and ignores keywords it does not know."""
+    if cp_context is not None:
+        raise NotImplementedError("`cp_context`: multi-GPU context parallelism is not supported by flashdelta yet")
+    if "transpose_state_layout" in kwargs:
+        if state_v_first:
+            raise ValueError("pass `state_v_first` or its deprecated name `transpose_state_layout`, not both")
+        state_v_first = kwargs.pop("transpose_state_layout")
+    if kwargs.pop("head_first", False):
+        raise ValueError("`head_first=True` is not supported: inputs must be [B, T, H, ...] (as in FLA)")
+    chunk_size = kwargs.pop("chunk_size", 64)
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"`chunk_size`: expected one of {CHUNK_SIZES} (FLA's), got {chunk_size!r}")
+    ignored = [name for name in kwargs if name not in _NO_EFFECT]
+    if ignored:
+        logger.debug("flashdelta: ignoring keyword arguments %s", sorted(ignored))
+    if needs_activation(use_gate_in_kernel, use_beta_sigmoid_in_kernel, allow_neg_eigval) \
+            or A_log is not None or dt_bias is not None:
+        g, beta = activate(g, beta, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval)
+        # The planner's segments rely on beta |k|^2 <= 2, which beta in (0, 2) keeps only for unit keys.
+        if allow_neg_eigval and not l2norm and context_parallel is None:
+            context_parallel = False
+    return g, beta, bool(state_v_first), context_parallel
 
 
-def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend, context_parallel, kwargs,
-            needs_grad=None):
+def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend, context_parallel,
+            cu_seqlens_cpu=None, needs_grad=None):
     """Validate everything and choose the path: (problem, Route). Raises on bad arguments."""
-    check_options(backend, context_parallel, kwargs)
-    problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, kwargs.get("cu_seqlens_cpu"), state_v_first)
+    check_options(backend, context_parallel)
+    problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_v_first)
     if needs_grad is None:
         needs_grad = grad_needed(q, k, v, g, beta, initial_state)
 
@@ -172,11 +210,11 @@ def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
 
 
 def kernel_backward(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_kernel, cu_seqlens, state_v_first,
-                    backend, context_parallel, kwargs, do, dfinal):
+                    backend, context_parallel, cu_seqlens_cpu, do, dfinal):
     """The compiled op's backward on the kernels: (dq, dk, dv, dg, dbeta, dh0), or None where the
     call's route is the PyTorch path."""
     problem, route = _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
-                             context_parallel, kwargs, True)
+                             context_parallel, cu_seqlens_cpu, True)
     if not route.kernels:
         return None
     from .hopper.backward import hopper_backward
@@ -190,23 +228,13 @@ def grad_needed(*inputs) -> bool:
     return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
 
 
-def check_options(backend, context_parallel, kwargs):
+def check_options(backend, context_parallel):
     """The arguments that are not tensors: raise on a value this call cannot honour."""
     if backend not in BACKENDS:
         raise ValueError(f"`backend`: expected one of {BACKENDS}, got {backend!r}")
     if not (context_parallel is None or isinstance(context_parallel, bool)
             or (isinstance(context_parallel, int) and context_parallel >= 1)):
         raise ValueError(f"`context_parallel`: expected None, a bool or a positive int, got {context_parallel!r}")
-    for name, noop in _UNSUPPORTED.items():
-        if name in kwargs and kwargs[name] is not noop and kwargs[name] != noop:
-            raise NotImplementedError(f"`{name}={kwargs[name]!r}` is not supported by flashdelta yet")
-    if kwargs.get("head_first", False):
-        raise ValueError("`head_first=True` is not supported: inputs must be [B, T, H, ...] (as in FLA)")
-    if kwargs.get("chunk_size", 64) != 64:
-        raise NotImplementedError(f"`chunk_size={kwargs['chunk_size']}` is not supported: flashdelta uses 64")
-    unknown = set(kwargs) - set(_UNSUPPORTED) - set(_ACCEPTED)
-    if unknown:
-        raise TypeError(f"chunk_gated_delta_rule() got unexpected keyword arguments {sorted(unknown)}")
 
 
 def _tilelang_unavailable(q, v, problem) -> str | None:

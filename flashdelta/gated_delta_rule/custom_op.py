@@ -64,9 +64,8 @@ def chunk_gated_delta_rule_op(
         context_parallel: Optional[int], needs_grad: bool) -> tuple[Tensor, Tensor]:
     """(o, final state); the final state is an empty tensor when ``output_final_state`` is False."""
     from .api import run
-    kwargs = {} if cu_seqlens_cpu is None else {"cu_seqlens_cpu": cu_seqlens_cpu}
     o, final = run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                   cu_seqlens, state_v_first, backend, _decode_cp(context_parallel), kwargs, needs_grad)
+                   cu_seqlens, state_v_first, backend, _decode_cp(context_parallel), cu_seqlens_cpu, needs_grad)
     if final is None:
         final = q.new_empty(0, dtype=compute_dtype(q, k, v))
     return o, _unaliased(final, (initial_state,))
@@ -95,9 +94,8 @@ def chunk_gated_delta_rule_bwd_op(
     from .api import kernel_backward, run
     inputs = [q, k, v, g, beta, initial_state]
     where = [i for i, w in enumerate(wanted) if w and inputs[i] is not None]
-    kwargs = {} if cu_seqlens_cpu is None else {"cu_seqlens_cpu": cu_seqlens_cpu}
     grads = kernel_backward(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_kernel, cu_seqlens,
-                            state_v_first, backend, _decode_cp(context_parallel), kwargs, do, dfinal)
+                            state_v_first, backend, _decode_cp(context_parallel), cu_seqlens_cpu, do, dfinal)
     if grads is not None:
         return [grad if i in where else q.new_empty(0) for i, grad in enumerate(grads)]
 
@@ -106,7 +104,7 @@ def chunk_gated_delta_rule_bwd_op(
         for i, x in zip(where, primals):
             args[i] = x
         o, final = run(*args[:5], scale, args[5], dfinal is not None, use_qk_l2norm_in_kernel, cu_seqlens,
-                       state_v_first, "torch", _decode_cp(context_parallel), kwargs, True)
+                       state_v_first, "torch", _decode_cp(context_parallel), cu_seqlens_cpu, True)
         return (o, final) if dfinal is not None else (o,)
 
     grads = [None] * 6

@@ -9,4 +9,4 @@ fi
 py="$venv/bin/python"
 # torch first and pinned: on these machines torch==2.13.0 is a local CPU wheel; an unpinned torch would pull a CUDA build.
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "torch==2.13.0"
-"$py" -c "import flashdelta, pytest, matplotlib" 2>/dev/null || "$py" -m pip install -q -e "$root[test,bench]"
+"$py" -c "import flashdelta, pytest, matplotlib, transformers" 2>/dev/null || "$py" -m pip install -q -e "$root[test,bench]"

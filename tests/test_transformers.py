@@ -35,7 +35,7 @@ def counted(monkeypatch):
     original = api.chunk_gated_delta_rule
 
     def spy(*a, **kw):
-        calls.append(a[0].shape)
+        calls.append((a[0].shape, api.explain(*a, **kw)))        # the path each call takes
         return original(*a, **kw)
     monkeypatch.setattr(fd_hf, "chunk_gated_delta_rule", spy)
     yield calls
@@ -128,3 +128,22 @@ def test_enable_without_a_model_covers_every_family_and_disable_restores():
 def test_a_model_without_gdn_layers_is_refused():
     with pytest.raises(ValueError, match="no gated-delta layers"):
         fd_hf.enable(torch.nn.Linear(2, 2))
+
+
+
+@pytest.mark.gpu
+def test_a_model_on_the_kernels(counted):
+    """On Hopper, with the kernels' head dims (K = V = 128), bf16: the layers run the TileLang path."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("needs an SM90 (Hopper) GPU")
+    config = transformers.Qwen3_5TextConfig(**(COMMON | dict(hidden_size=256, linear_key_head_dim=128,
+                                                             linear_value_head_dim=128)))
+    torch.manual_seed(0)
+    model = transformers.Qwen3_5ForCausalLM(config).cuda().bfloat16().eval()
+    ids = _ids(shape=(2, 300)).cuda()
+    with torch.no_grad():
+        want = model(ids).logits.float()
+        fd_hf.enable(model)
+        got = model(ids).logits.float()
+    assert counted and all(route.startswith("tilelang") for _, route in counted)
+    assert rel_err(got, want) < 2e-2

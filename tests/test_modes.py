@@ -168,3 +168,30 @@ def test_compile_in_a_fresh_process():
             "assert torch.equal(f(*x)[0], flashdelta.chunk_gated_delta_rule(*x)[0])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_compile_with_fla_activations_and_the_recurrent_entry():
+    """FLA's gate / beta activations and fused_recurrent_gated_delta_rule inside one fullgraph compile."""
+    a = {n: x.requires_grad_() for n, x in draw(B=2, T=40, num_seqs=2).items()}
+    A_log = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    dt_bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def step(q, k, v, g, beta, initial_state, A_log, dt_bias):
+        kw = dict(use_gate_in_kernel=True, A_log=A_log, dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True,
+                  allow_neg_eigval=True, use_qk_l2norm_in_kernel=True, output_final_state=True)
+        o, s = chunk_gated_delta_rule(q[:, :-1], k[:, :-1], v[:, :-1], g[:, :-1], beta[:, :-1],
+                                      initial_state=initial_state, **kw)
+        o1, s = flashdelta.fused_recurrent_gated_delta_rule(q[:, -1:], k[:, -1:], v[:, -1:], g=g[:, -1:],
+                                                            beta=beta[:, -1:], initial_state=s, **kw)
+        return torch.cat([o, o1], 1), s
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    fn = torch.compile(step, fullgraph=True, backend=counter)
+    inputs = [*a.values(), A_log, dt_bias]
+    want, got = step(*inputs), fn(*inputs)
+    assert counter.frame_count == 1
+    assert all(torch.allclose(x, y, rtol=1e-12, atol=1e-12) for x, y in zip(want, got))
+    gw = torch.autograd.grad(loss(*want), inputs)
+    gg = torch.autograd.grad(loss(*got), inputs)
+    assert all(torch.allclose(x, y, rtol=1e-10, atol=1e-12) for x, y in zip(gw, gg))

@@ -108,3 +108,22 @@ def test_negative_eigenvalues_keep_unit_keys_or_stay_unsplit():
     assert opts(True, None) is None            # unit keys: the planner decides
     assert opts(False, 4) == 4                 # asked for explicitly: the caller's call
     assert api._fla_options(raw_g, raw_beta, False, None, False, use_beta_sigmoid_in_kernel=True)[3] is None
+
+
+def test_gradients_at_decays_down_to_minus_30_a_token():
+    """float32 against float64 at g in [-30, 0] (and g = 0 heads): every gradient, dg included, to ~1e-6."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, g, beta, h0 = make_inputs(2, 300, 2, 4, 32, 32, generator=gen)
+    g = -30 * torch.rand(g.shape, generator=gen, dtype=torch.float64)
+    g[..., 0] = 0
+    inputs = [q, k, v, g, beta, h0]
+
+    def run(dtype):
+        def f(q, k, v, g, beta, h0):
+            o, s = flashdelta.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+            return o.double(), s.double()
+        return _grads(f, [x.to(dtype) for x in inputs])
+
+    got, want = run(torch.float32), run(torch.float64)
+    for name, a, b in zip(("o", "final", "q", "k", "v", "g", "beta", "h0"), got, want):
+        assert rel_err(a, b) < 1e-5, name

@@ -82,10 +82,10 @@ def test_training_step_gradients_match(family, counted):
         if name.endswith(("A_log", "dt_bias")):
             if exact is None:
                 continue
-            # Reached only through dg, a sum of terms down to e^-20 that cancel: at transformers' random
-            # gates neither float32 result is near the float64 one (about 0.1-0.5 rel-RMS); keep ours no
-            # worse than 1.5x the fallback's (issue 17 asks for better).
-            assert rel_err(got[name], exact[name]) <= 1.5 * rel_err(want[name], exact[name]), name
+            # Reached only through dg, at transformers' random gates (g about -7 to -22 a token): the
+            # fallback's float32 cumulative decays leave it 0.1-0.5 off float64; ours are summed in float64.
+            ours, theirs = rel_err(got[name], exact[name]), rel_err(want[name], exact[name])
+            assert ours <= 1e-3 and ours <= theirs, (name, ours, theirs)
         else:
             assert rel_err(got[name], want[name]) <= 1e-3, name
 

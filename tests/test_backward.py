@@ -40,3 +40,50 @@ def test_staged_backward_equals_autograd(name):
     assert (got[5] is None) == (not c["h0"])
     for name, a, e in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), [x for x in got if x is not None], expected):
         assert rel_err(a, e) <= 1e-12, name
+
+
+# Backward context parallelism (issue 16): the segmented reverse walk against the unsplit one.
+from flashdelta.gated_delta_rule import context_parallel as cp  # noqa: E402
+from flashdelta.gated_delta_rule.chunked import ChunkLayout  # noqa: E402
+from flashdelta.gated_delta_rule.chunked_backward import state_gradient_walk  # noqa: E402
+
+
+def _chunk_inputs(T, scale_g=1.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, g, beta, _ = make_inputs(2, T, 3, 3, 16, 8, generator=gen, zero_gate_heads=1)
+    do = torch.randn(2, T, 3, 8, generator=gen, dtype=torch.float64)
+    dht = torch.randn(2, 3, 16, 8, generator=gen, dtype=torch.float64)
+    layout = ChunkLayout.build((T, T), T, torch.device("cpu"))
+    q, k, g, beta, do = (layout.gather(x) for x in (q, k, g * scale_g, beta, do))
+    return q, k, g, beta, do, dht
+
+
+@pytest.mark.parametrize("seg", [1, 3, 4, 11])
+@pytest.mark.parametrize("with_dht", [True, False])
+def test_segmented_state_gradient_walk_equals_unsplit(seg, with_dht):
+    q, k, g, beta, do, dht = _chunk_inputs(700)
+    dht = dht if with_dht else None
+    want = state_gradient_walk(q, k, g, beta, 0.25, do, dht)
+    got = cp.segmented_state_gradient_walk(q, k, g, beta, 0.25, do, dht, seg)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and rel_err(a, b) <= 1e-12
+
+
+def test_segmented_state_gradient_truncation_within_bound():
+    """Strong decays: segments whose summed decay is below -tau drop M^T dS'; the error of the state
+    gradient entering each segment stays within the forward's bound read backwards."""
+    q, k, g, beta, do, dht = _chunk_inputs(64 * 24, scale_g=0.5)      # summed decays near -tau
+    seg = 2
+    exact = cp.segmented_state_gradient_walk(q, k, g, beta, 0.25, do, dht, seg)
+    approx = cp.segmented_state_gradient_walk(q, k, g, beta, 0.25, do, dht, seg, tau=cp.TRUNCATION_TAU)
+    M, G, contractive = cp.segment_transitions(k, g, beta, seg)
+    truncate = cp.truncation_mask(G, contractive, cp.TRUNCATION_TAU)
+    assert truncate[:, 1:].any() and not truncate[:, 0].any()
+    # dS' entering each segment from its end, in backward order: the bound of the forward, flipped
+    ends = exact[0][..., seg - 1::seg, :, :]                     # dS' of each segment's last chunk
+    bound = cp.truncation_bound(G.flip(-1), truncate.flip(-1), ends.flip(-3)).flip(-1)
+    err = (approx[0][..., seg - 1::seg, :, :] - ends).flatten(-2).norm(dim=-1)
+    assert err.max() > 0 and (err <= bound * (1 + 1e-9) + 1e-15).all()
+    assert (err[:, 0] == 0).all()                                # the g = 0 head is exact
+    for a, b in zip(approx, exact):
+        assert rel_err(a, b) < 1e-5

@@ -18,12 +18,20 @@ truncation replaces it. Hence, per head,
 
 With tau = TRUNCATION_TAU = 12 that is below 6.2e-6 of the state's norm: far below bf16 rounding.
 Heads with g = 0 never truncate and always take the exact M.
+
+The backward (DESIGN section 7) is the same scan run backwards with M^T: the gradient of the state
+entering segment j is dS_j = M_j^T dS'_j + G_j, with dS'_j the gradient of the state leaving it (that
+entering segment j + 1, or the final state's) and G_j the segment's own term from a zero end
+gradient. ``segmented_state_gradient_walk`` computes G_j per segment in parallel, scans, then reruns
+each segment from its corrected end gradient. ||M_j^T||_2 = ||M_j||_2 <= exp(G_j) again, so the same
+rule drops M_j^T dS'_j with the same bound, on the gradients' norms.
 """
 from __future__ import annotations
 
 import torch
 
 from .chunked import chunk_forward, chunk_states, chunk_transitions
+from .chunked_backward import state_gradient_walk
 
 TRUNCATION_TAU = 12.0
 
@@ -43,9 +51,14 @@ def _split(x: torch.Tensor, seg: int, token_dims: int) -> torch.Tensor:
 def segment_summaries(k, v, g, beta, seg: int):
     """Per segment: R (state from zero), M (transition) and G (summed log-decay), plus whether the
     norm condition 0 <= beta |k|^2 <= 2 holds on every token. Inputs in chunk layout."""
-    ks, vs = _split(k, seg, 2), _split(v, seg, 2)
-    gs, bs = _split(g, seg, 1), _split(beta, seg, 1)
-    R = chunk_states(ks, vs, gs, bs)                                   # [*, NS, K, V]
+    R = chunk_states(_split(k, seg, 2), _split(v, seg, 2), _split(g, seg, 1), _split(beta, seg, 1))
+    return (R, *segment_transitions(k, g, beta, seg))
+
+
+def segment_transitions(k, g, beta, seg: int):
+    """Per segment: M (the product of its chunk transitions, ``[*, NS, K, K]``), G (summed log-decay)
+    and whether 0 <= beta |k|^2 <= 2 holds on every token."""
+    ks, gs, bs = _split(k, seg, 2), _split(g, seg, 1), _split(beta, seg, 1)
     M_chunks = chunk_transitions(ks, gs, bs)                           # [*, NS, L, K, K]
     M = M_chunks[..., 0, :, :]
     for c in range(1, seg):
@@ -53,7 +66,7 @@ def segment_summaries(k, v, g, beta, seg: int):
     G = gs.sum(dim=(-1, -2))                                           # [*, NS]
     bk = bs * (ks * ks).sum(-1)
     contractive = ((bk >= 0) & (bk <= 2)).all(-1).all(-1)
-    return R, M, G, contractive
+    return M, G, contractive
 
 
 def scan_segments(R, M, h0, truncate):
@@ -96,3 +109,19 @@ def segmented_forward(q, k, v, g, beta, scale: float, h0, seg: int, tau: float |
     o, S = chunk_forward(*pieces, scale, starts)                      # one pass per segment, in parallel
     o = o.flatten(-4, -3)[..., :nc, :, :]
     return o, S[..., -1, :, :]
+
+
+def segmented_state_gradient_walk(q, k, g, beta, scale: float, do, dht, seg: int, tau: float | None = None):
+    """``chunked_backward.state_gradient_walk`` computed as backward context parallelism does it:
+    same inputs and results (dS' per chunk, dv, dh0); exact unless ``tau`` enables truncation."""
+    nc = k.shape[-3]
+    pieces = [_split(x, seg, 2) for x in (q, k)] + [_split(x, seg, 1) for x in (g, beta)]
+    do_s = _split(do, seg, 2)
+    _, _, local = state_gradient_walk(*pieces, scale, do_s, None)     # G_j: zero end gradient, in parallel
+    M, G, contractive = segment_transitions(k, g, beta, seg)
+    truncate = None if tau is None else truncation_mask(G, contractive, tau)
+    flip = lambda x: x.flip(-3)                                        # noqa: E731  (segments last to first)
+    ends, dh0 = scan_segments(flip(local), flip(M.transpose(-1, -2)), dht,
+                              None if truncate is None else truncate.flip(-1))
+    d_out, dv, _ = state_gradient_walk(*pieces, scale, do_s, flip(ends))    # corrected pass, in parallel
+    return d_out.flatten(-4, -3)[..., :nc, :, :], dv.flatten(-4, -3)[..., :nc, :, :], dh0

@@ -26,7 +26,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
                            use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
                            state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, chunk_indices=None,
                            cp_context=None, *, use_gate_in_kernel=False, A_log=None, dt_bias=None,
-                           backend="auto", context_parallel=None, **kwargs):
+                           state_indices=None, backend="auto", context_parallel=None, **kwargs):
     r"""Gated delta rule, chunked, with FLA's semantics (``fla.ops.gated_delta_rule.chunk_gated_delta_rule``).
 
     Per sequence and value head, with state ``S`` (K x V, fp32)::
@@ -42,7 +42,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         beta: ``[B, T, HV]``; with ``use_beta_sigmoid_in_kernel`` its logits.
         scale: defaults to ``K ** -0.5``.
         initial_state: ``[N, HV, K, V]`` (``[N, HV, V, K]`` with ``state_v_first``), any float dtype;
-            N = B, or the number of sequences with ``cu_seqlens``.
+            N = B, or the number of sequences with ``cu_seqlens``. With ``state_indices``: a state pool
+            ``[slots, HV, K, V]`` (``[slots, HV, V, K]``), float32 / bfloat16 / float16, rows may be
+            strided.
         output_final_state: also return the state after the last token.
         use_qk_l2norm_in_kernel: normalise q and k (``x / sqrt(sum x^2 + 1e-6)``) first. Without it,
             the kernels need keys with ``|k|^2 < 65504`` (the per-chunk inverse runs on fp16 operands;
@@ -60,6 +62,11 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         cp_context: FLA's multi-GPU context parallelism; not implemented yet (NotImplementedError).
         use_gate_in_kernel, A_log, dt_bias: g = -exp(A_log) * softplus(g + dt_bias) first, with A_log
             and dt_bias (optional) of one value per value head (``[HV]``); FLA's option.
+        state_indices: ``[N]`` int32/int64 slots of the pool ``initial_state``: sequence n starts from
+            ``initial_state[state_indices[n]]`` and its final state is written back to that row in
+            place (computed in fp32, rounded once to the pool's dtype); -1 starts from zero and stores
+            nothing. The slots are checked (in range, none written twice) with one read of their
+            values per index tensor and version, skipped during CUDA graph capture. See ``state_pool``.
         backend: ``"auto"`` (TileLang kernels on Hopper when they apply, else PyTorch), ``"tilelang"``
             or ``"torch"`` (exact chunked PyTorch; differentiable on every device).
         context_parallel: split long sequences into segments processed in parallel (DESIGN section 3):
@@ -74,11 +81,14 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 
     Returns:
         ``(o, final_state)``: o ``[B, T, HV, V]`` in q's dtype; final_state fp32 (float64 for float64
-        inputs) or None.
+        inputs) or None; None with ``state_indices`` (the final states are in the pool).
     """
     g, beta, state_v_first, context_parallel = _fla_options(
         g, beta, state_v_first, context_parallel, use_qk_l2norm_in_kernel, cp_context, use_gate_in_kernel, A_log,
         dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval, **kwargs)
+    if state_indices is not None:
+        return pooled(q, k, v, g, beta, scale, initial_state, state_indices, None, use_qk_l2norm_in_kernel,
+                      cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode=False), None
     if torch.compiler.is_compiling():
         # Traced as one opaque op with a shape-only fake: lengths, plans and launches stay out of the graph.
         from .custom_op import compiled_call
@@ -87,6 +97,19 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
                              cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel)
     return run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
                state_v_first, backend, context_parallel, cu_seqlens_cpu)
+
+
+def pooled(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, cu_seqlens,
+           cu_seqlens_cpu, state_v_first, backend, context_parallel, decode: bool):
+    """A call on a state pool (``serving``), eager or, under ``torch.compile``, through its custom op."""
+    if torch.compiler.is_compiling():
+        from .custom_op import compiled_pooled_call
+        check_options(backend, context_parallel)
+        call = compiled_pooled_call
+    else:
+        from .serving import pooled_call as call
+    return call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
+                       cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode)
 
 
 def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,

@@ -15,6 +15,9 @@ backward (``hopper.backward``); elsewhere it recomputes the forward on the PyTor
 vector-Jacobian product with ``torch.func.vjp`` (autograd proper is disabled inside an op's
 implementation; functorch transforms are not), for exactly the inputs that need a gradient.
 
+Calls on a state pool (``state_indices``) go through a third op, ``flashdelta::gated_delta_rule_pooled``,
+which declares the pool mutated (functionalisation then orders the in-place update correctly).
+
 Eager calls do not go through these ops: the dispatcher's Python custom-op path costs host time that
 eager callers would pay on every call, and gives them nothing.
 """
@@ -36,6 +39,14 @@ def compiled_call(q, k, v, g, beta, scale, initial_state, output_final_state, us
         bool(output_final_state), bool(use_qk_l2norm_in_kernel), bool(state_v_first), backend,
         _encode_cp(context_parallel), grad_needed(q, k, v, g, beta, initial_state))
     return o, (final if output_final_state else None)
+
+
+def compiled_pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
+                         cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode):
+    """What a call on a state pool returns (o), through the custom op that declares the pool mutated."""
+    return pooled_op(q, k, v, g, beta, pool, state_indices, num_accepted_tokens, cu_seqlens, cu_seqlens_cpu,
+                     None if scale is None else float(scale), bool(use_qk_l2norm_in_kernel), bool(state_v_first),
+                     backend, _encode_cp(context_parallel), bool(decode))
 
 
 def _encode_cp(context_parallel) -> Optional[int]:
@@ -140,3 +151,21 @@ def _backward(ctx, do, dfinal):
 
 
 chunk_gated_delta_rule_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("flashdelta::gated_delta_rule_pooled", mutates_args=("pool",))
+def pooled_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, pool: Tensor, state_indices: Tensor,
+              num_accepted_tokens: Optional[Tensor], cu_seqlens: Optional[Tensor], cu_seqlens_cpu: Optional[Tensor],
+              scale: Optional[float], use_qk_l2norm_in_kernel: bool, state_v_first: bool, backend: str,
+              context_parallel: Optional[int], decode: bool) -> Tensor:
+    """o of a call on a state pool (``serving``); the pool is updated in place. Serving calls take no
+    gradients, so this op has no backward."""
+    from .serving import pooled_call
+    return pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
+                       cu_seqlens, cu_seqlens_cpu, state_v_first, backend, _decode_cp(context_parallel), decode)
+
+
+@pooled_op.register_fake
+def _(q, k, v, g, beta, pool, state_indices, num_accepted_tokens, cu_seqlens, cu_seqlens_cpu, scale,
+      use_qk_l2norm_in_kernel, state_v_first, backend, context_parallel, decode):
+    return q.new_empty(*v.shape)

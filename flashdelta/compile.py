@@ -17,6 +17,7 @@ def features(source: str) -> dict[str, bool]:
     return {
         "wgmma": "wgmma" in source,
         "tma": "tma_load" in source or "cp.async.bulk.tensor" in source,
+        "tma_store": "tma_store" in source,
         "mbarrier": "mbarrier" in source or "Barrier" in source,
         "setmaxnreg": "warpgroup_reg_alloc" in source or "setmaxnreg" in source,
     }
@@ -25,9 +26,12 @@ def features(source: str) -> dict[str, bool]:
 def required(name: str) -> tuple[str, ...]:
     """Features a variant must show: the tile kernels run on wgmma, and all but the segment scan (a
     few steps per sequence, plain vector loads) stream their tiles with TMA; ``segment_windows`` is
-    a scalar walk over per-chunk statistics (one thread per segment and head)."""
+    a scalar walk over per-chunk statistics (one thread per segment and head); ``recurrent_step``
+    (decode) is vector work without matrices, its state stored by TMA."""
     if name.startswith("segment_windows"):
         return ()
+    if name.startswith("recurrent_step"):
+        return ("tma_store",)
     # chunk_gradients (one chunk per CTA) loads its tiles with plain vector loads for now
     return ("wgmma",) if name.startswith(("segment_scan", "chunk_gradients")) else ("wgmma", "tma")
 

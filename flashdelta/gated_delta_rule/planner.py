@@ -55,6 +55,12 @@ TUNING = {
 # of 1.9 per SM was faster (up to 1.6x), one that doubled 3.9 per SM or more was 7-25% slower.
 PREP_MIN_CTAS_PER_SM = 3
 
+# fused_recurrent_gated_delta_rule on a dense state runs the decode kernel (one launch, the state read
+# and written once) up to this many tokens per sequence, and the chunked forward beyond. Not fitted
+# yet: a token step of the decode kernel moves the state through registers only, so it is far below
+# a 64-token chunk step (~3 us) until sequences approach a chunk; the decode benchmark is to fit it.
+DECODE_MAX_TOKENS = 16
+
 
 @dataclass(frozen=True)
 class Plan:

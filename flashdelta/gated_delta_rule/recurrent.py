@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .api import chunk_gated_delta_rule, pooled, _fla_options
+from .api import _fla_options, chunk_gated_delta_rule, pooled
+from .serving import dense_decode
 
 
 def fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, beta=None, scale=None, initial_state=None,
@@ -56,20 +57,21 @@ def fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, beta=Non
         if state_indices is not None:
             raise ValueError("pass `state_indices` or its other name `ssm_state_indices`, not both")
         state_indices = kwargs.pop("ssm_state_indices")
-    if state_indices is None:
-        if num_accepted_tokens is not None:
-            raise ValueError("`num_accepted_tokens`: needs per-step `state_indices` [N, steps] (speculative verify)")
-        return chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                      output_final_state=output_final_state,
-                                      use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-                                      use_beta_sigmoid_in_kernel=use_beta_sigmoid_in_kernel,
-                                      allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first,
-                                      cu_seqlens=cu_seqlens, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log,
-                                      dt_bias=dt_bias, **kwargs)
+    if num_accepted_tokens is not None and state_indices is None:
+        raise ValueError("`num_accepted_tokens`: needs per-step `state_indices` [N, steps] (speculative verify)")
     backend, context_parallel = kwargs.pop("backend", "auto"), kwargs.pop("context_parallel", None)
     cu_seqlens_cpu = kwargs.pop("cu_seqlens_cpu", None)
     g, beta, state_v_first, context_parallel = _fla_options(
         g, beta, state_v_first, context_parallel, use_qk_l2norm_in_kernel, kwargs.pop("cp_context", None),
         use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval, **kwargs)
-    return pooled(q, k, v, g, beta, scale, initial_state, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
-                  cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode=True), None
+    if state_indices is not None:
+        return pooled(q, k, v, g, beta, scale, initial_state, state_indices, num_accepted_tokens,
+                      use_qk_l2norm_in_kernel, cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel,
+                      decode=True), None
+    done = dense_decode(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                        cu_seqlens, cu_seqlens_cpu, state_v_first, backend)
+    if done is not None:
+        return done
+    return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                                  state_v_first=state_v_first, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
+                                  backend=backend, context_parallel=context_parallel)

@@ -44,6 +44,10 @@ def pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_token
                   else torch.zeros_like(state_indices[:, 0], dtype=torch.long))
         first = state_indices.gather(1, column[:, None]).squeeze(1)
     if decode:
+        if _decode_on_kernels(q, v, problem, pool, backend):
+            from .hopper.decode import hopper_decode
+            return hopper_decode(q, k, v, g, beta, scale, pool, first, pool, first, state_indices if per_step else None,
+                                 use_qk_l2norm_in_kernel, problem.seq_lens, cu_seqlens is None, state_v_first)
         return token_steps(q, k, v, g, beta, scale, pool, first, state_indices if per_step else None,
                            use_qk_l2norm_in_kernel, problem, cu_seqlens is None, state_v_first)
     h0 = read_states(pool, first, state_v_first, dtype)
@@ -51,6 +55,49 @@ def pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_token
                    context_parallel, cu_seqlens_cpu)
     write_states(pool, state_indices, final, state_v_first)
     return o
+
+
+def dense_decode(q, k, v, g, beta, scale, initial_state, output_final_state: bool, use_qk_l2norm_in_kernel: bool,
+                 cu_seqlens, cu_seqlens_cpu, state_v_first: bool, backend: str):
+    """``fused_recurrent_gated_delta_rule`` on a dense state, on the decode kernel: (o, final state), or
+    None where the kernel does not apply (gradients, longer sequences, no kernel for the call): the
+    caller then runs the chunked op, which also raises on bad arguments."""
+    from .api import grad_needed
+    from .planner import DECODE_MAX_TOKENS
+    if backend == "torch" or torch.compiler.is_compiling() or grad_needed(q, k, v, g, beta, initial_state):
+        return None
+    problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_v_first)
+    if max(problem.seq_lens, default=0) > DECODE_MAX_TOKENS or not _decode_on_kernels(q, v, problem, None, "auto"):
+        return None
+    from .hopper.decode import dense_rows, hopper_decode
+    from .hopper.forward import flat, unused_rows
+    N, HV, K, V = problem.num_seqs, problem.v_heads, problem.k_dim, problem.v_dim
+    inner = (V, K) if state_v_first else (K, V)
+    unused = unused_rows(HV, K * V, torch.float32, q.device).view(1, HV, *inner)
+    h0 = unused if initial_state is None else flat(initial_state, N, HV, *inner, dtype=torch.float32)
+    ht = torch.empty(N, HV, *inner, dtype=torch.float32, device=q.device) if output_final_state else unused
+    o = hopper_decode(q, k, v, g, beta, problem.k_dim ** -0.5 if scale is None else float(scale), h0,
+                      dense_rows(N, initial_state is not None, q.device), ht, dense_rows(N, output_final_state, q.device),
+                      None, use_qk_l2norm_in_kernel, problem.seq_lens, cu_seqlens is None, state_v_first)
+    return o, (ht if output_final_state else None)
+
+
+def _decode_on_kernels(q, v, problem, pool, backend: str) -> bool:
+    """Whether the decode kernel runs this call; raises where ``backend="tilelang"`` demands it and it cannot."""
+    if backend == "torch":
+        return False
+    from .api import _tilelang_unavailable, grad_needed
+    reason = _tilelang_unavailable(q, v, problem)
+    if reason is None and pool is not None:
+        from .hopper.decode import pool_unsupported
+        reason = pool_unsupported(pool)
+    if reason is None and grad_needed(q, v):
+        reason = "the decode kernel has no backward"
+    if reason is None:
+        return True
+    if backend == "tilelang":
+        raise RuntimeError(f"backend='tilelang' cannot run this call: {reason}")
+    return False
 
 
 def _check_accepted(num_accepted_tokens, state_indices, num_seqs: int) -> None:

@@ -49,8 +49,9 @@ def variants(dtype: str | None = None):
                         functools.partial(recurrence_kernel, dt, bv, save_states=True)))
     from .backward import variants as backward_variants
     from .context_parallel import scan_kernel, windows_kernel
+    from .decode import variants as decode_variants
     for dt in DTYPES.values() if dtype is None else (dtype,):
-        out += backward_variants(dt)
+        out += backward_variants(dt) + decode_variants(dt)
     out.append((f"segment_scan[K={HEAD_DIM}]", functools.partial(scan_kernel, HEAD_DIM)))
     out.append(("segment_windows", windows_kernel))
     return out

@@ -132,6 +132,30 @@ def test_dense_state_decode(h0, final):
         assert rel_err(ht.cpu(), want_s) < 1e-5
 
 
+@pytest.mark.parametrize("neg_eigval", [False, True])
+def test_raw_gates_activated_in_the_kernel(neg_eigval):
+    """Qwen3-Next's raw projections (A_log, dt_bias, sigmoid beta) on the kernel, against the PyTorch path."""
+    _hopper()
+    B, slots = 24, 32
+    q, k, v, a, b = draw(12, B, 2, l2norm=True)
+    gen = torch.Generator().manual_seed(13)
+    a, b = (torch.randn(B, 2, HV, generator=gen) * 2).to(DEV), (torch.randn(B, 2, HV, generator=gen) * 2).to(DEV)
+    A_log, dt_bias = torch.randn(HV, generator=gen).to(DEV), torch.randn(HV, generator=gen).to(DEV)
+    pool = pool_of(slots, torch.float32, True, 14)
+    rows = torch.randperm(slots, device=DEV)[:B]
+    outs = {}
+    for backend in ("tilelang", "torch"):
+        p = pool.clone()
+        o, _ = fused_recurrent_gated_delta_rule(q, k, v, a, beta=b, initial_state=p, state_indices=rows,
+                                                use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=A_log,
+                                                dt_bias=dt_bias, use_beta_sigmoid_in_kernel=True,
+                                                allow_neg_eigval=neg_eigval, state_v_first=True, backend=backend)
+        outs[backend] = (o.float(), p)
+    torch.cuda.synchronize()
+    errors = {"o": rel_err(outs["tilelang"][0], outs["torch"][0]), "state": rel_err(outs["tilelang"][1], outs["torch"][1])}
+    assert errors["o"] < 1e-2 and errors["state"] < 1e-5, f"errors {errors}"
+
+
 def test_graph_replay_equals_eager():
     """A decode step captured once, replayed on new q/k/v/g/beta, slots and pool contents."""
     _hopper()

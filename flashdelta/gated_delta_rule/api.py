@@ -100,8 +100,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 
 
 def pooled(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, cu_seqlens,
-           cu_seqlens_cpu, state_v_first, backend, context_parallel, decode: bool):
-    """A call on a state pool (``serving``), eager or, under ``torch.compile``, through its custom op."""
+           cu_seqlens_cpu, state_v_first, backend, context_parallel, decode: bool, activation=None):
+    """A call on a state pool (``serving``), eager or, under ``torch.compile``, through its custom op.
+    ``activation``: the ``gates.Activation`` still to apply to (g, beta), or None."""
     if torch.compiler.is_compiling():
         from .custom_op import compiled_pooled_call
         check_options(backend, context_parallel)
@@ -109,7 +110,7 @@ def pooled(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, us
     else:
         from .serving import pooled_call as call
     return call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
-                       cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode)
+                cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode, activation)
 
 
 def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,

@@ -42,11 +42,14 @@ def compiled_call(q, k, v, g, beta, scale, initial_state, output_final_state, us
 
 
 def compiled_pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
-                         cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode):
+                         cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode, activation):
     """What a call on a state pool returns (o), through the custom op that declares the pool mutated."""
+    a = activation
     return pooled_op(q, k, v, g, beta, pool, state_indices, num_accepted_tokens, cu_seqlens, cu_seqlens_cpu,
+                     None if a is None else a.A_log, None if a is None else a.dt_bias,
                      None if scale is None else float(scale), bool(use_qk_l2norm_in_kernel), bool(state_v_first),
-                     backend, _encode_cp(context_parallel), bool(decode))
+                     backend, _encode_cp(context_parallel), bool(decode),
+                     [a is not None and a.gate, a is not None and a.beta_sigmoid, a is not None and a.neg_eigval])
 
 
 def _encode_cp(context_parallel) -> Optional[int]:
@@ -156,16 +159,21 @@ chunk_gated_delta_rule_op.register_autograd(_backward, setup_context=_setup_cont
 @torch.library.custom_op("flashdelta::gated_delta_rule_pooled", mutates_args=("pool",))
 def pooled_op(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, pool: Tensor, state_indices: Tensor,
               num_accepted_tokens: Optional[Tensor], cu_seqlens: Optional[Tensor], cu_seqlens_cpu: Optional[Tensor],
-              scale: Optional[float], use_qk_l2norm_in_kernel: bool, state_v_first: bool, backend: str,
-              context_parallel: Optional[int], decode: bool) -> Tensor:
-    """o of a call on a state pool (``serving``); the pool is updated in place. Serving calls take no
+              A_log: Optional[Tensor], dt_bias: Optional[Tensor], scale: Optional[float],
+              use_qk_l2norm_in_kernel: bool, state_v_first: bool, backend: str, context_parallel: Optional[int],
+              decode: bool, activations: list[bool]) -> Tensor:
+    """o of a call on a state pool (``serving``); the pool is updated in place. ``activations``: the
+    gate, beta-sigmoid and negative-eigenvalue flags of ``gates.Activation``. Serving calls take no
     gradients, so this op has no backward."""
+    from .gates import Activation
     from .serving import pooled_call
+    activation = Activation(activations[0], A_log, dt_bias, *activations[1:]) if any(activations) else None
     return pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
-                       cu_seqlens, cu_seqlens_cpu, state_v_first, backend, _decode_cp(context_parallel), decode)
+                       cu_seqlens, cu_seqlens_cpu, state_v_first, backend, _decode_cp(context_parallel), decode,
+                       activation)
 
 
 @pooled_op.register_fake
-def _(q, k, v, g, beta, pool, state_indices, num_accepted_tokens, cu_seqlens, cu_seqlens_cpu, scale,
-      use_qk_l2norm_in_kernel, state_v_first, backend, context_parallel, decode):
+def _(q, k, v, g, beta, pool, state_indices, num_accepted_tokens, cu_seqlens, cu_seqlens_cpu, A_log, dt_bias, scale,
+      use_qk_l2norm_in_kernel, state_v_first, backend, context_parallel, decode, activations):
     return q.new_empty(*v.shape)

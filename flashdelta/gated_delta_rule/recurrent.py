@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .api import _fla_options, chunk_gated_delta_rule, pooled
+from .gates import Activation
 from .serving import dense_decode
 
 
@@ -61,17 +62,20 @@ def fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, beta=Non
         raise ValueError("`num_accepted_tokens`: needs per-step `state_indices` [N, steps] (speculative verify)")
     backend, context_parallel = kwargs.pop("backend", "auto"), kwargs.pop("context_parallel", None)
     cu_seqlens_cpu = kwargs.pop("cu_seqlens_cpu", None)
-    g, beta, state_v_first, context_parallel = _fla_options(
-        g, beta, state_v_first, context_parallel, use_qk_l2norm_in_kernel, kwargs.pop("cp_context", None),
-        use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval, **kwargs)
+    # the activations stay with the raw gates until the path is known: the decode kernel applies them itself
+    activation = Activation.of(g, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval)
+    _, _, state_v_first, context_parallel = _fla_options(g, beta, state_v_first, context_parallel,
+                                                         use_qk_l2norm_in_kernel, kwargs.pop("cp_context", None),
+                                                         **kwargs)
     if state_indices is not None:
         return pooled(q, k, v, g, beta, scale, initial_state, state_indices, num_accepted_tokens,
                       use_qk_l2norm_in_kernel, cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel,
-                      decode=True), None
+                      decode=True, activation=activation), None
     done = dense_decode(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                        cu_seqlens, cu_seqlens_cpu, state_v_first, backend)
+                        cu_seqlens, cu_seqlens_cpu, state_v_first, backend, activation)
     if done is not None:
         return done
     return chunk_gated_delta_rule(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
-                                  state_v_first=state_v_first, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu,
+                                  use_beta_sigmoid_in_kernel, allow_neg_eigval, state_v_first, cu_seqlens,
+                                  cu_seqlens_cpu, use_gate_in_kernel=use_gate_in_kernel, A_log=A_log, dt_bias=dt_bias,
                                   backend=backend, context_parallel=context_parallel)

@@ -22,8 +22,10 @@ from .state_pool import check_pool, check_slots, read_states, write_states
 
 
 def pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
-                cu_seqlens, cu_seqlens_cpu, state_v_first: bool, backend: str, context_parallel, decode: bool):
-    """Validate, run, update ``pool`` in place; returns o ``[B, T, HV, V]`` in q's dtype."""
+                cu_seqlens, cu_seqlens_cpu, state_v_first: bool, backend: str, context_parallel, decode: bool,
+                activation=None):
+    """Validate, run, update ``pool`` in place; returns o ``[B, T, HV, V]`` in q's dtype. ``activation``:
+    the ``gates.Activation`` still to apply to (g, beta) (by the decode kernel where it runs), or None."""
     from .api import check_options, run
     check_options(backend, context_parallel)
     problem = validate(q, k, v, g, beta, None, cu_seqlens, cu_seqlens_cpu, False)
@@ -43,11 +45,14 @@ def pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_token
         column = (num_accepted_tokens.long() - 1 if num_accepted_tokens is not None
                   else torch.zeros_like(state_indices[:, 0], dtype=torch.long))
         first = state_indices.gather(1, column[:, None]).squeeze(1)
+    if decode and _decode_on_kernels(q, v, problem, pool, backend, _grads(q, k, v, g, beta, activation)):
+        from .hopper.decode import hopper_decode
+        return hopper_decode(q, k, v, g, beta, scale, pool, first, pool, first, state_indices if per_step else None,
+                             use_qk_l2norm_in_kernel, problem.seq_lens, cu_seqlens is None, state_v_first,
+                             None if activation is None else activation.kernel_args())
+    if activation is not None:
+        g, beta = activation.apply(g, beta)
     if decode:
-        if _decode_on_kernels(q, v, problem, pool, backend):
-            from .hopper.decode import hopper_decode
-            return hopper_decode(q, k, v, g, beta, scale, pool, first, pool, first, state_indices if per_step else None,
-                                 use_qk_l2norm_in_kernel, problem.seq_lens, cu_seqlens is None, state_v_first)
         return token_steps(q, k, v, g, beta, scale, pool, first, state_indices if per_step else None,
                            use_qk_l2norm_in_kernel, problem, cu_seqlens is None, state_v_first)
     h0 = read_states(pool, first, state_v_first, dtype)
@@ -58,16 +63,15 @@ def pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_token
 
 
 def dense_decode(q, k, v, g, beta, scale, initial_state, output_final_state: bool, use_qk_l2norm_in_kernel: bool,
-                 cu_seqlens, cu_seqlens_cpu, state_v_first: bool, backend: str):
+                 cu_seqlens, cu_seqlens_cpu, state_v_first: bool, backend: str, activation=None):
     """``fused_recurrent_gated_delta_rule`` on a dense state, on the decode kernel: (o, final state), or
     None where the kernel does not apply (gradients, longer sequences, no kernel for the call): the
     caller then runs the chunked op, which also raises on bad arguments."""
-    from .api import grad_needed
     from .planner import DECODE_MAX_TOKENS
-    if backend == "torch" or torch.compiler.is_compiling() or grad_needed(q, k, v, g, beta, initial_state):
+    if backend == "torch" or torch.compiler.is_compiling() or _grads(q, k, v, g, beta, activation, initial_state):
         return None
     problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_v_first)
-    if max(problem.seq_lens, default=0) > DECODE_MAX_TOKENS or not _decode_on_kernels(q, v, problem, None, "auto"):
+    if max(problem.seq_lens, default=0) > DECODE_MAX_TOKENS or not _decode_on_kernels(q, v, problem, None, "auto", False):
         return None
     from .hopper.decode import dense_rows, hopper_decode
     from .hopper.forward import flat, unused_rows
@@ -78,20 +82,27 @@ def dense_decode(q, k, v, g, beta, scale, initial_state, output_final_state: boo
     ht = torch.empty(N, HV, *inner, dtype=torch.float32, device=q.device) if output_final_state else unused
     o = hopper_decode(q, k, v, g, beta, problem.k_dim ** -0.5 if scale is None else float(scale), h0,
                       dense_rows(N, initial_state is not None, q.device), ht, dense_rows(N, output_final_state, q.device),
-                      None, use_qk_l2norm_in_kernel, problem.seq_lens, cu_seqlens is None, state_v_first)
+                      None, use_qk_l2norm_in_kernel, problem.seq_lens, cu_seqlens is None, state_v_first,
+                      None if activation is None else activation.kernel_args())
     return o, (ht if output_final_state else None)
 
 
-def _decode_on_kernels(q, v, problem, pool, backend: str) -> bool:
+def _grads(q, k, v, g, beta, activation, *more) -> bool:
+    from .api import grad_needed
+    gates = () if activation is None else (activation.A_log, activation.dt_bias)
+    return grad_needed(q, k, v, g, beta, *gates, *more)
+
+
+def _decode_on_kernels(q, v, problem, pool, backend: str, needs_grad: bool) -> bool:
     """Whether the decode kernel runs this call; raises where ``backend="tilelang"`` demands it and it cannot."""
     if backend == "torch":
         return False
-    from .api import _tilelang_unavailable, grad_needed
+    from .api import _tilelang_unavailable
     reason = _tilelang_unavailable(q, v, problem)
     if reason is None and pool is not None:
         from .hopper.decode import pool_unsupported
         reason = pool_unsupported(pool)
-    if reason is None and grad_needed(q, v):
+    if reason is None and needs_grad:
         reason = "the decode kernel has no backward"
     if reason is None:
         return True

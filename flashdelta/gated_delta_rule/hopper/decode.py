@@ -54,11 +54,13 @@ def _int32(x: torch.Tensor) -> torch.Tensor:
 
 
 def hopper_decode(q, k, v, g, beta, scale: float, pool_in, first_rows, pool_out, out_rows, step_rows,
-                  use_qk_l2norm_in_kernel: bool, seq_lens, batched: bool, state_v_first: bool):
+                  use_qk_l2norm_in_kernel: bool, seq_lens, batched: bool, state_v_first: bool, gating=None):
     """o ``[B, T, HV, V]``; the states go to ``pool_out`` (rows ``out_rows``, or ``step_rows`` per token).
 
     ``pool_in`` / ``pool_out``: ``[slots, HV, K, V]`` (``[slots, HV, V, K]``) of one dtype, possibly one
-    tensor; ``first_rows`` / ``out_rows`` ``[N]``, ``step_rows`` ``[N, steps]`` or None."""
+    tensor; ``first_rows`` / ``out_rows`` ``[N]``, ``step_rows`` ``[N, steps]`` or None. ``gating``:
+    None (g, beta are the log-decay and beta), or (A_log or None, dt_bias or None, beta_scale): g is
+    activated in the kernel where A_log is given, beta where beta_scale > 0 (see ``recurrent_step``)."""
     B, Tn, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     tokens, dev = B * Tn, q.device
@@ -68,10 +70,19 @@ def hopper_decode(q, k, v, g, beta, scale: float, pool_in, first_rows, pool_out,
     seqs, _ = _tables(tuple(seq_lens), Tn if batched else None, dev)
     kernel = entry(step_kernel(DTYPES[q.dtype], POOL_DTYPES[pool_in.dtype], bool(state_v_first)))
     per_step = step_rows is not None
+    a_log, dt_bias, beta_scale = (None, None, 0.0) if gating is None else gating
+    gate_in_kernel = a_log is not None
+    a_log, dt_bias = (_no_heads(HV, dev) if x is None else flat(x, HV, dtype=torch.float32) for x in (a_log, dt_bias))
     with on_device(dev):
         kernel(flat(q, tokens, H, K), flat(k, tokens, H, K), flat(v, tokens, HV, V),
                flat(g, tokens, HV, dtype=torch.float32), flat(beta, tokens, HV, dtype=torch.float32), seqs,
                _int32(first_rows), _int32(out_rows), _int32(step_rows) if per_step else _no_steps(dev),
-               pool_in, pool_out, o.view(tokens, HV, V), float(scale), int(bool(use_qk_l2norm_in_kernel)),
-               int(per_step))
+               pool_in, pool_out, o.view(tokens, HV, V), a_log, dt_bias, float(scale), float(beta_scale),
+               int(bool(use_qk_l2norm_in_kernel)), int(per_step), int(gate_in_kernel))
     return o
+
+
+@functools.lru_cache(maxsize=64)
+def _no_heads(HV: int, device: torch.device) -> torch.Tensor:
+    """Zeros per value head: dt_bias when there is none (and the unused A_log)."""
+    return torch.zeros(HV, dtype=torch.float32, device=device)

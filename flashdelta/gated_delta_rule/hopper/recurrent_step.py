@@ -10,6 +10,9 @@ tile held transposed (S^T, BV x K, fp32 registers) and scalar gates::
 
 With ``use_qk_l2norm_in_kernel`` the norms of k_t and q_t are two more row reductions and enter as
 scalars (k_t / |k_t| is never formed): e = beta (v - r_k S^T k), S += r_k k e^T, o = scale r_q S^T q.
+With ``gate_in_kernel`` g is the raw projection, activated here as FLA and Qwen3-Next do
+(g = -exp(A_log) softplus(g + dt_bias)), and with ``beta_scale`` > 0 beta is (beta = beta_scale *
+sigmoid(beta)): in a decode step separate elementwise launches would cost more than the activation.
 
 Decode moves the state and little else: at K = V = 128 a step reads and writes 64 KB of fp32 state
 per value head against 0.75 KB of q, k, v. So the kernel is built to move the pool at copy speed:
@@ -93,9 +96,13 @@ def recurrent_step_kernel(K: int, V: int, BV: int, dtype: str, pool_dtype: str, 
         pool_in: T.StridedTensor((slots_in, v_heads, *inner), (stride_in, K * V, *inner_strides), pool_dtype),
         pool_out: T.StridedTensor((slots_out, v_heads, *inner), (stride_out, K * V, *inner_strides), pool_dtype),
         o: T.Tensor((num_tokens, v_heads, V), dtype),
+        a_log: T.Tensor((v_heads,), ACC),                  # with gate_in_kernel: A_log, dt_bias per value head
+        dt_bias: T.Tensor((v_heads,), ACC),
         scale: T.float32,
+        beta_scale: T.float32,                              # > 0: beta = beta_scale * sigmoid(beta) (1, or 2)
         l2norm: T.int32,
         per_step: T.int32,
+        gate_in_kernel: T.int32,
     ):
         with T.Kernel(V // BV, v_heads, num_seqs, threads=threads) as (bv, h, n):
             hk = h // (v_heads // qk_heads)
@@ -119,8 +126,17 @@ def recurrent_step_kernel(K: int, V: int, BV: int, dtype: str, pool_dtype: str, 
                     kq_s[r, j] = T.cast(T.if_then_else(r == 0, k[tok, hk, j], q[tok, hk, j]), ACC)
                 for i in T.Parallel(BV):
                     v_s[i] = T.cast(v[tok, h, v0 + i], ACC)
-                decay = T.exp(g[tok, h])
-                b = beta[tok, h]
+                decay = T.alloc_var(ACC)
+                b = T.alloc_var(ACC)
+                if gate_in_kernel != 0:
+                    x = g[tok, h] + dt_bias[h]
+                    decay = T.exp(-T.exp(a_log[h]) * T.if_then_else(x > 20.0, x, T.log(1.0 + T.exp(x))))
+                else:
+                    decay = T.exp(g[tok, h])
+                if beta_scale > 0.0:
+                    b = beta_scale / (1.0 + T.exp(-beta[tok, h]))
+                else:
+                    b = beta[tok, h]
                 if l2norm != 0:
                     for i, j in T.Parallel(BV, K):
                         prod[i, j] = kq_s[0, j] * kq_s[0, j]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flashdelta import fused_recurrent_gated_delta_rule
+from flashdelta import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from flashdelta.gated_delta_rule.naive import naive_gated_delta_rule
 from helpers import make_inputs, rel_err
 
@@ -154,6 +154,29 @@ def test_raw_gates_activated_in_the_kernel(neg_eigval):
     torch.cuda.synchronize()
     errors = {"o": rel_err(outs["tilelang"][0], outs["torch"][0]), "state": rel_err(outs["tilelang"][1], outs["torch"][1])}
     assert errors["o"] < 1e-2 and errors["state"] < 1e-5, f"errors {errors}"
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+def test_prefill_on_a_pool_equals_dense_states(pool_dtype):
+    """chunk_gated_delta_rule with state_indices on the kernels: the same as the dense-state call."""
+    _hopper()
+    lens = [300, 64, 1, 700]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    q, k, v, g, beta = draw(15, 1, sum(lens))
+    pool = pool_of(12, pool_dtype, True, 16)
+    rows = torch.tensor([7, -1, 2, 9], device=DEV)
+    h0 = as_k_major(pool, True)[rows.clamp(min=0)].float() * (rows >= 0)[:, None, None, None]
+    want_o, want_s = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                            cu_seqlens=cu)
+    before = pool.clone()
+    o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=pool, state_indices=rows, cu_seqlens=cu,
+                                  state_v_first=True)
+    torch.cuda.synchronize()
+    got = as_k_major(pool, True)
+    assert torch.equal(o, want_o)
+    assert torch.equal(got[[7, 2, 9]], want_s[[0, 2, 3]].to(pool_dtype))
+    untouched = [s for s in range(12) if s not in (7, 2, 9)]
+    assert torch.equal(pool[untouched], before[untouched])
 
 
 def test_graph_replay_equals_eager():

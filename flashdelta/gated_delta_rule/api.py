@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoints import Checkpoints
 from .chunked import chunked_gated_delta_rule
 from .context_parallel import TRUNCATION_TAU
 from .gates import activate, needs_activation
@@ -26,7 +27,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
                            use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
                            state_v_first=False, cu_seqlens=None, cu_seqlens_cpu=None, chunk_indices=None,
                            cp_context=None, *, use_gate_in_kernel=False, A_log=None, dt_bias=None,
-                           state_indices=None, backend="auto", context_parallel=None, **kwargs):
+                           state_indices=None, checkpoint_every=None, checkpoints=None, backend="auto",
+                           context_parallel=None, **kwargs):
     r"""Gated delta rule, chunked, with FLA's semantics (``fla.ops.gated_delta_rule.chunk_gated_delta_rule``).
 
     Per sequence and value head, with state ``S`` (K x V, fp32)::
@@ -67,6 +69,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
             place (computed in fp32, rounded once to the pool's dtype); -1 starts from zero and stores
             nothing. The slots are checked (in range, none written twice) with one read of their
             values per index tensor and version, skipped during CUDA graph capture. See ``state_pool``.
+        checkpoint_every, checkpoints: also store the state after every ``checkpoint_every`` tokens (a
+            multiple of 64) of each sequence into the buffer ``checkpoints``, for prefix caching; its row
+            layout is ``checkpoints.checkpoint_offsets``'s. Runs on the PyTorch path for now.
         backend: ``"auto"`` (TileLang kernels on Hopper when they apply, else PyTorch), ``"tilelang"``
             or ``"torch"`` (exact chunked PyTorch; differentiable on every device).
         context_parallel: split long sequences into segments processed in parallel (DESIGN section 3):
@@ -86,9 +91,13 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     g, beta, state_v_first, context_parallel = _fla_options(
         g, beta, state_v_first, context_parallel, use_qk_l2norm_in_kernel, cp_context, use_gate_in_kernel, A_log,
         dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval, **kwargs)
+    saved = Checkpoints.of(checkpoint_every, checkpoints)
+    if saved is not None and torch.compiler.is_compiling():
+        raise NotImplementedError("`checkpoints` under torch.compile: not supported yet (call the op eagerly)")
     if state_indices is not None:
         return pooled(q, k, v, g, beta, scale, initial_state, state_indices, None, use_qk_l2norm_in_kernel,
-                      cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode=False), None
+                      cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode=False,
+                      checkpoints=saved), None
     if torch.compiler.is_compiling():
         # Traced as one opaque op with a shape-only fake: lengths, plans and launches stay out of the graph.
         from .custom_op import compiled_call
@@ -96,13 +105,19 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         return compiled_call(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
                              cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel)
     return run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
-               state_v_first, backend, context_parallel, cu_seqlens_cpu)
+               state_v_first, backend, context_parallel, cu_seqlens_cpu, checkpoints=saved)
 
 
 def pooled(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, cu_seqlens,
-           cu_seqlens_cpu, state_v_first, backend, context_parallel, decode: bool, activation=None):
+           cu_seqlens_cpu, state_v_first, backend, context_parallel, decode: bool, activation=None, checkpoints=None):
     """A call on a state pool (``serving``), eager or, under ``torch.compile``, through its custom op.
-    ``activation``: the ``gates.Activation`` still to apply to (g, beta), or None."""
+    ``activation``: the ``gates.Activation`` still to apply to (g, beta), or None; ``checkpoints``:
+    a ``checkpoints.Checkpoints`` (eager prefill only)."""
+    if checkpoints is not None:
+        from .serving import pooled_call
+        return pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
+                           cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode, activation,
+                           checkpoints)
     if torch.compiler.is_compiling():
         from .custom_op import compiled_pooled_call
         check_options(backend, context_parallel)
@@ -114,11 +129,12 @@ def pooled(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, us
 
 
 def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,
-        state_v_first, backend, context_parallel, cu_seqlens_cpu=None, needs_grad=None):
+        state_v_first, backend, context_parallel, cu_seqlens_cpu=None, needs_grad=None, checkpoints=None):
     """The eager call. ``needs_grad``: whether the caller differentiates the result (None: from the
-    grad mode and the inputs; the compiled op passes what it saw while tracing)."""
+    grad mode and the inputs; the compiled op passes what it saw while tracing). ``checkpoints``: a
+    ``checkpoints.Checkpoints`` to fill, or None."""
     problem, route = _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
-                             context_parallel, cu_seqlens_cpu, needs_grad)
+                             context_parallel, cu_seqlens_cpu, needs_grad, checkpoints)
     scale = problem.k_dim ** -0.5 if scale is None else float(scale)
     args = (q, k, v, g, beta, scale, initial_state, bool(output_final_state), bool(use_qk_l2norm_in_kernel))
     batched = cu_seqlens is None
@@ -135,7 +151,8 @@ def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
     logger.debug("flashdelta: %s", route)
     segments = {} if route.plan is None else {"segment_chunks": route.plan.segment_chunks,
                                               "truncate_below": TRUNCATION_TAU}
-    return chunked_gated_delta_rule(*args, problem, batched=batched, state_v_first=state_v_first, **segments)
+    return chunked_gated_delta_rule(*args, problem, batched=batched, state_v_first=state_v_first,
+                                    checkpoints=checkpoints, **segments)
 
 
 def explain(q, k, v, g, beta, initial_state=None, cu_seqlens=None, state_v_first=False, backend="auto",
@@ -207,16 +224,23 @@ def _fla_options(g, beta, state_v_first, context_parallel, l2norm, cp_context=No
 
 
 def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend, context_parallel,
-            cu_seqlens_cpu=None, needs_grad=None):
+            cu_seqlens_cpu=None, needs_grad=None, checkpoints=None):
     """Validate everything and choose the path: (problem, Route). Raises on bad arguments."""
     check_options(backend, context_parallel)
     problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_v_first)
     if needs_grad is None:
         needs_grad = grad_needed(q, k, v, g, beta, initial_state)
+    if checkpoints is not None:
+        checkpoints.check(problem, state_v_first, q.device)
+        if context_parallel not in (None, False):
+            raise ValueError("`checkpoints`: taken on the unsplit walk; pass context_parallel=None or False")
+        context_parallel = False
 
     reason = "backend='torch'"
     if backend != "torch":
         reason = _tilelang_unavailable(q, v, problem)
+        if reason is None and checkpoints is not None:
+            reason = "state checkpoints are not on the kernels yet"
         if reason is None:
             plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, sm_count(q.device),
                                 context_parallel)

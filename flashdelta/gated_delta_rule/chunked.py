@@ -65,9 +65,10 @@ def state_update_weights(k: torch.Tensor, beta: torch.Tensor, A0: torch.Tensor) 
 # ---------------------------------------------------------------------------------------------
 # Recurrences over chunks
 # ---------------------------------------------------------------------------------------------
-def chunk_forward(q, k, v, g, beta, scale: float, h0=None):
+def chunk_forward(q, k, v, g, beta, scale: float, h0=None, keep_states: bool = False):
     """Outputs and final state. q, k ``[*, NC, C, K]``; v ``[*, NC, C, V]``; g, beta ``[*, NC, C]``;
-    h0 ``[*, K, V]`` or None. Returns o ``[*, NC, C, V]`` and S ``[*, K, V]``."""
+    h0 ``[*, K, V]`` or None. Returns o ``[*, NC, C, V]`` and S ``[*, K, V]``; with ``keep_states``
+    also the state after every chunk, ``[*, NC, K, V]``."""
     gamma = chunk_log_decay(g)
     A0 = gate_free_inverse(k, beta)
     gates = decay_mask(gamma).to(k.dtype)
@@ -79,12 +80,16 @@ def chunk_forward(q, k, v, g, beta, scale: float, h0=None):
     decay_last = gamma[..., -1].exp().to(k.dtype)[..., None, None]
 
     S = _initial(h0, k, v)
-    outputs = []
+    outputs, states = [], []
     for c in range(k.shape[-3]):
         v_new = Ag[..., c, :, :] @ (v[..., c, :, :] - k_in[..., c, :, :] @ S)
         outputs.append(q_in[..., c, :, :] @ S + scale * (P[..., c, :, :] @ v_new))
         S = decay_last[..., c, :, :] * S + k_out[..., c, :, :].transpose(-1, -2) @ v_new
+        if keep_states:
+            states.append(S)
     o = torch.stack(outputs, dim=-3) if outputs else v.new_zeros(v.shape)
+    if keep_states:
+        return o, S, (torch.stack(states, dim=-3) if states else S.new_zeros(*S.shape[:-2], 0, *S.shape[-2:]))
     return o, S
 
 
@@ -166,13 +171,14 @@ def compute_dtype(*xs: torch.Tensor) -> torch.dtype:
 def chunked_gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,
                              use_qk_l2norm_in_kernel: bool, problem: Problem, batched: bool,
                              state_v_first: bool, segment_chunks: int | None = None,
-                             truncate_below: float | None = None):
+                             truncate_below: float | None = None, checkpoints=None):
     """The torch path of ``chunk_gated_delta_rule`` on validated inputs.
 
     ``segment_chunks`` runs it as context parallelism would (segments of that many chunks, exact
     scan of segment states); ``truncate_below`` additionally applies the gate-driven truncation
     with threshold tau (see ``context_parallel``). Returns o in q's dtype and the final state in
-    float32 (float64 when the inputs are float64).
+    float32 (float64 when the inputs are float64). ``checkpoints``: a ``checkpoints.Checkpoints`` to
+    store the states into (unsplit only).
     """
     from .context_parallel import segmented_forward
 
@@ -191,7 +197,11 @@ def chunked_gated_delta_rule(q, k, v, g, beta, scale: float, initial_state, outp
     if initial_state is not None:
         h0 = initial_state.to(dtype)
         h0 = h0.transpose(-1, -2) if state_v_first else h0
-    if segment_chunks is None:
+    if checkpoints is not None:
+        assert segment_chunks is None, "checkpoints are taken on the unsplit walk"
+        oc, S, states = chunk_forward(qc, kc, vc, gc, bc, scale, h0, keep_states=True)
+        checkpoints.store(states, problem.seq_lens, state_v_first)
+    elif segment_chunks is None:
         oc, S = chunk_forward(qc, kc, vc, gc, bc, scale, h0)
     else:
         oc, S = segmented_forward(qc, kc, vc, gc, bc, scale, h0, segment_chunks, truncate_below)

@@ -23,7 +23,7 @@ from .state_pool import check_pool, check_slots, read_states, write_states
 
 def pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
                 cu_seqlens, cu_seqlens_cpu, state_v_first: bool, backend: str, context_parallel, decode: bool,
-                activation=None):
+                activation=None, checkpoints=None):
     """Validate, run, update ``pool`` in place; returns o ``[B, T, HV, V]`` in q's dtype. ``activation``:
     the ``gates.Activation`` still to apply to (g, beta) (by the decode kernel where it runs), or None."""
     from .api import check_options, run
@@ -56,8 +56,10 @@ def pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_token
         return token_steps(q, k, v, g, beta, scale, pool, first, state_indices if per_step else None,
                            use_qk_l2norm_in_kernel, problem, cu_seqlens is None, state_v_first)
     h0 = read_states(pool, first, state_v_first, dtype)
+    if checkpoints is not None and state_v_first:   # the call below runs K-major
+        checkpoints = type(checkpoints)(checkpoints.buffer.transpose(-1, -2), checkpoints.every)
     o, final = run(q, k, v, g, beta, scale, h0, True, use_qk_l2norm_in_kernel, cu_seqlens, False, backend,
-                   context_parallel, cu_seqlens_cpu)
+                   context_parallel, cu_seqlens_cpu, checkpoints=checkpoints)
     write_states(pool, state_indices, final, state_v_first)
     return o
 

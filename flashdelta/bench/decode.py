@@ -195,17 +195,18 @@ def main(argv=None) -> int:
     budget = timing.Budget(args.budget)
     record = {"environment": environment(device, "python -m flashdelta.bench.decode " + " ".join(argv or sys.argv[1:])),
               "copy_tb_s": copy_bw / 1e12, "results": []}
-    for cfg in select(args):
-        result = measure_config(cfg, peers, device, copy_bw, budget)
-        record["results"].append(result)
-        print(f"{cfg.label:36s} " + "  ".join(f"{n} {e['us']:.1f} us ({e['of_copy'] * 100:.0f}%)" if "us" in e
-                                              else f"{n} {e.get('skipped') or e.get('failed')}"
-                                              for n, e in result["impls"].items()), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{short_name(record['environment']['device_name'])}-decode"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
-    (out / f"{stem}.md").write_text(markdown(record))
+    for cfg in select(args):
+        result = measure_config(cfg, peers, device, copy_bw, budget)
+        record["results"].append(result)
+        # written after every configuration, so a run cut short still leaves its numbers
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+        (out / f"{stem}.md").write_text(markdown(record))
+        print(f"{cfg.label:36s} " + "  ".join(f"{n} {e['us']:.1f} us ({e['of_copy'] * 100:.0f}%)" if "us" in e
+                                              else f"{n} {e.get('skipped') or e.get('failed')}"
+                                              for n, e in result["impls"].items()), flush=True)
     print(markdown(record))
     return 0
 

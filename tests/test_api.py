@@ -120,7 +120,7 @@ def test_fla_keywords(caplog):
         assert torch.allclose(chunk_gated_delta_rule(**a, chunk_size=size)[0], o, atol=1e-5)
     with pytest.raises(ValueError, match="`chunk_size`: expected one of"):
         call(chunk_size=128)
-    with pytest.raises(NotImplementedError, match="cp_context"):
+    with pytest.raises(TypeError, match="`cp_context`: expected flashdelta.CPContext"):
         call(cp_context=object())
     with pytest.raises(ValueError, match="head_first"):
         call(head_first=True)

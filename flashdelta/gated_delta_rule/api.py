@@ -61,7 +61,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
             this call), or on every call for an inference tensor, which has no version counter to
             tell a change.
         chunk_indices: FLA's precomputed chunk table; not needed here and ignored.
-        cp_context: FLA's multi-GPU context parallelism; not implemented yet (NotImplementedError).
+        cp_context: context parallelism across processes (``distributed``): a ``CPContext`` or FLA's
+            ``FLACPContext``; q, k, v, g, beta hold this rank's tokens and ``cu_seqlens`` its local
+            boundaries (or None); no ``initial_state``. Differentiable; one all-gather forward.
         use_gate_in_kernel, A_log, dt_bias: g = -exp(A_log) * softplus(g + dt_bias) first, with A_log
             and dt_bias (optional) of one value per value head (``[HV]``); FLA's option.
         state_indices: ``[N]`` int32/int64 slots of the pool ``initial_state``: sequence n starts from
@@ -89,9 +91,12 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         inputs) or None; None with ``state_indices`` (the final states are in the pool).
     """
     g, beta, state_v_first, context_parallel = _fla_options(
-        g, beta, state_v_first, context_parallel, use_qk_l2norm_in_kernel, cp_context, use_gate_in_kernel, A_log,
+        g, beta, state_v_first, context_parallel, use_qk_l2norm_in_kernel, use_gate_in_kernel, A_log,
         dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval, **kwargs)
     saved = Checkpoints.of(checkpoint_every, checkpoints)
+    if cp_context is not None:
+        return _across_ranks(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+                             state_v_first, cu_seqlens, cp_context, backend, state_indices, saved)
     if saved is not None and torch.compiler.is_compiling():
         raise NotImplementedError("`checkpoints` under torch.compile: not supported yet (call the op eagerly)")
     if state_indices is not None:
@@ -164,7 +169,7 @@ def explain(q, k, v, g, beta, initial_state=None, cu_seqlens=None, state_v_first
     the call will be differentiated (grad mode on and an input requiring grad), which ``no_grad`` and
     ``inference_mode`` turn off, as they do for the call itself. Takes the op's other keywords too.
     """
-    kwargs.pop("scale", None), kwargs.pop("output_final_state", None)
+    kwargs.pop("scale", None), kwargs.pop("output_final_state", None), kwargs.pop("cp_context", None)
     l2norm = kwargs.pop("use_qk_l2norm_in_kernel", False)
     g, beta, state_v_first, context_parallel = _fla_options(g, beta, state_v_first, context_parallel, l2norm,
                                                             **kwargs)
@@ -195,13 +200,29 @@ def _describe_plan(plan: Plan) -> str:
     return f"unsplit, V tile {plan.v_tile}"
 
 
-def _fla_options(g, beta, state_v_first, context_parallel, l2norm, cp_context=None, use_gate_in_kernel=False,
+def _across_ranks(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm, state_v_first, cu_seqlens,
+                  cp_context, backend, state_indices, checkpoints):
+    """``chunk_gated_delta_rule`` under ``cp_context`` (``distributed``)."""
+    from .distributed import check_context, cp_forward
+    check_context(cp_context)
+    for name, x in (("initial_state", initial_state), ("state_indices", state_indices), ("checkpoints", checkpoints)):
+        if x is not None:
+            raise ValueError(f"`{name}`: not supported with `cp_context` (the first rank's sequences start from zero)")
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("`cp_context` under torch.compile: not supported yet (call the op eagerly)")
+
+    def local(h0, cu):
+        return run(q, k, v, g, beta, scale, h0, output_final_state, l2norm, cu, state_v_first, backend, False,
+                   cu.cpu())
+    return cp_forward(q, k, v, g, beta, scale, output_final_state, l2norm, cu_seqlens, state_v_first, backend,
+                      cp_context, local)
+
+
+def _fla_options(g, beta, state_v_first, context_parallel, l2norm, use_gate_in_kernel=False,
                  A_log=None, dt_bias=None, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, **kwargs):
     """FLA's options: (g, beta) activated as asked (``gates``), ``state_v_first`` (also under FLA's
     deprecated name ``transpose_state_layout``) and ``context_parallel``. Raises on a value this call
     cannot honour; logs and ignores keywords it does not know."""
-    if cp_context is not None:
-        raise NotImplementedError("`cp_context`: multi-GPU context parallelism is not supported by flashdelta yet")
     if "transpose_state_layout" in kwargs:
         if state_v_first:
             raise ValueError("pass `state_v_first` or its deprecated name `transpose_state_layout`, not both")

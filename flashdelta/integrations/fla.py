@@ -24,7 +24,7 @@ def accepts(q, k, v, g, beta, scale=None, initial_state=None, output_final_state
     from ..gated_delta_rule import api
     from ..gated_delta_rule.gates import needs_activation
     if cp_context is not None:
-        return False, "flashdelta does not support cp_context (multi-GPU context parallelism) yet"
+        return False, "cp_context calls stay with FLA here (flashdelta.chunk_gated_delta_rule takes them directly)"
     activation = {name: kwargs.pop(name, None) for name in ("use_gate_in_kernel", "A_log", "dt_bias")}
     try:
         # The activations keep g's and beta's shapes: the route is decided on the raw ones, at no device work.

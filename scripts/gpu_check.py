@@ -1,4 +1,5 @@
-"""One GPU call: check the Hopper kernels against float64 references, then time them against FLA and FlashQLA.
+"""One GPU call: check the Hopper kernels against float64 references, then time them against FLA, FlashQLA
+and FlashInfer (where its payload is installed).
 
     TILELANG_CACHE_DIR=.gpu/tlcache python scripts/gpu_check.py [--skip-check] [--skip-bench] [--skip-peers]
 
@@ -19,7 +20,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from flashdelta.bench import timing  # noqa: E402
 from flashdelta.bench.configs import Config  # noqa: E402
-from flashdelta.bench.inputs import make_inputs  # noqa: E402
+from flashdelta.bench.inputs import InputSet, make_inputs  # noqa: E402
+from flashdelta.bench.peers import FlashInfer  # noqa: E402
 from flashdelta.gated_delta_rule.hopper import forward as hopper  # noqa: E402
 from flashdelta.gated_delta_rule.inputs import sm_count  # noqa: E402
 from flashdelta.gated_delta_rule.naive import naive_gated_delta_rule  # noqa: E402
@@ -207,7 +209,7 @@ def backward_parts(lens, H, HV, varlen):
 
 
 def bench(rows, peers=True):
-    fla_fwd = fqla_fwd = None
+    fla_fwd = fqla_fwd = flashinfer = None
     if peers:
         try:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_fwd
@@ -217,6 +219,11 @@ def bench(rows, peers=True):
             from flash_qla import chunk_gated_delta_rule as fqla_fwd
         except Exception as err:
             log("FlashQLA unavailable:", err)
+        flashinfer = FlashInfer()
+        why = flashinfer.load(torch.device("cuda"))
+        if why:
+            log("FlashInfer unavailable:", why)
+            flashinfer = None
     from flashdelta.gated_delta_rule.api import chunk_gated_delta_rule as ours_api
 
     configs = [("4x8192 hk16/hv32", [8192] * 4, 16, 32, False),
@@ -250,6 +257,9 @@ def bench(rows, peers=True):
         if fqla_fwd is not None:
             cands["flashqla"] = lambda: fqla_fwd(q, k, v, g, beta, scale=scale, initial_state=s0,
                                                  output_final_state=True, cu_seqlens=cu)
+        if flashinfer is not None:              # the benchmark's peer, its conventions converted once
+            fi_inputs = InputSet(q, k, v, g, beta, s0, cu, cu_cpu)
+            cands["flashinfer"] = lambda: flashinfer(fi_inputs)
         # where our time goes: each kernel alone, graph-replayed
         seqs, chunks = hopper._tables(tuple(lens), None if varlen else lens[0], q.device)
         tok = q.shape[0] * q.shape[1]

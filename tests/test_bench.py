@@ -164,6 +164,40 @@ def test_fla_dispatch_to_flashqla_is_caught(monkeypatch):
         assert "not called" in seen()
 
 
+@pytest.mark.parametrize("varlen", [False, True])
+def test_flashinfer_conventions(monkeypatch, varlen):
+    """The FlashInfer peer's conversions (packed tokens, alpha = exp(g), V-major states) round-trip: a
+    fake FlashInfer computing with flashdelta in FlashInfer's conventions gives flashdelta's result."""
+    import flashdelta
+
+    def fake_prefill(q, k, v, alpha, beta, scale=None, initial_state=None, output_final_state=True,
+                     cu_seqlens=None, use_cp="auto"):
+        assert q.dim() == 3 and cu_seqlens.dtype == torch.int32 and alpha.min() > 0
+        o, ht = flashdelta.chunk_gated_delta_rule(q[None], k[None], v[None], alpha.log()[None], beta[None],
+                                                  initial_state=initial_state, output_final_state=True,
+                                                  cu_seqlens=cu_seqlens, state_v_first=True)
+        return o[0], ht
+
+    module = types.ModuleType("flashinfer.gdn_prefill")
+    module.chunk_gated_delta_rule = fake_prefill
+    monkeypatch.setitem(sys.modules, "flashinfer", types.ModuleType("flashinfer"))
+    monkeypatch.setitem(sys.modules, "flashinfer.gdn_prefill", module)
+    fi = peers.FlashInfer()
+    assert fi.load(torch.device("cpu")) == "needs a CUDA GPU"
+    fi.fn = fake_prefill
+    cfg = Config((70, 50) if varlen else (64, 64), varlen, 1, 2, 16, 16, dtype="fp32")
+    x = inputs.make_inputs(cfg, "cpu")
+    o, ht = fi(x)
+    want_o, want_ht = flashdelta.chunk_gated_delta_rule(x.q, x.k, x.v, x.g, x.beta, initial_state=x.h0,
+                                                        output_final_state=True, cu_seqlens=x.cu_seqlens)
+    assert o.shape == want_o.shape and torch.allclose(o, want_o, atol=1e-5)
+    assert ht.shape == want_ht.shape and torch.allclose(ht, want_ht, atol=1e-5)
+    assert "no backward" in fi.applies(Config((64,), False, 1, 2, mode="fwdbwd"))
+    assert fi.applies(Config((64,), False, 1, 2)) is None and "l2-norm" in fi.applies(Config((64,), False, 1, 2,
+                                                                                            l2norm=True))
+    assert peers.requested("flashinfer") == {"flashinfer"}
+
+
 # ---- report ------------------------------------------------------------------------------------
 
 def _timing(ms):
@@ -224,6 +258,19 @@ def test_report_backward_and_memory_columns():
     assert "| 0.150 / 0.750 / — |" in row and "| 300 / 512 / — |" in row
     assert len(row.split("|")) == len(head.split("|"))
     assert "bwd alone" not in report.markdown(_record())
+
+
+def test_report_shows_flashinfer_where_a_run_has_it():
+    record = _record()
+    assert "FlashInfer" not in report.markdown(record)
+    impls = record["results"][0]["impls"]
+    impls["FlashInfer"] = dict(impls["FLA"], graph=_timing(0.4), eager=_timing(0.5), path="flashinfer")
+    md = report.markdown(record)
+    head = next(line for line in md.splitlines() if line.startswith("| config"))
+    row = next(line for line in md.splitlines() if line.startswith("| 1x32768"))
+    assert "FlashInfer ms (graph / eager)" in head and "FlashInfer/ours" in head and "2.00x / 2.00x" in row
+    assert len(row.split("|")) == len(head.split("|"))
+    assert report.derived(record["results"][0])["speedup"]["FlashInfer"]["graph"] == pytest.approx(2.0)
 
 
 def test_stem_from_gpu_name():

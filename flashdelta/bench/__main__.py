@@ -58,7 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     what.add_argument("--below", type=float, default=1.03, help="with --rerun: the ratio bound (default 1.03)")
 
     who = p.add_argument_group("implementations")
-    who.add_argument("--peers", default="fla,flashqla", help="comma list of fla, flashqla; 'none' for none")
+    who.add_argument("--peers", default="fla,flashqla,flashinfer",
+                     help="comma list of fla, flashqla, flashinfer (each skipped with a reason where it is not "
+                          "installed); 'none' for none")
     who.add_argument("--backend", choices=("auto", "tilelang", "torch"), default="auto",
                      help="flashdelta backend (default auto)")
     who.add_argument("--reference-max-tokens", type=int, default=4096,
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import report, roofline, timing
     from .environment import environment, short_name
-    from .peers import FLATriton, FlashDelta, FlashQLA, Naive, requested
+    from .peers import FLATriton, FlashDelta, FlashInfer, FlashQLA, Naive, requested
     from .runner import measure_config
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -220,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     impls, skipped = [FlashDelta(args.backend)], {}
     impls[0].load(device)
     candidates = [(FLATriton(), "fla" in wanted), (FlashQLA(), "flashqla" in wanted),
+                  (FlashInfer(), "flashinfer" in wanted),
                   (Naive(args.reference_max_tokens), True)]
     for impl, on in candidates:
         reason = impl.load(device) if on else "not requested (--peers)"

@@ -1,4 +1,4 @@
-"""The implementations compared: flashdelta, FLA's Triton path, FlashQLA, and a float64 token loop.
+"""The implementations compared: flashdelta, FLA's Triton path, FlashQLA, FlashInfer, and a float64 token loop.
 
 Each is found at run time; ``load()`` returns a one-line reason when it cannot run here. Every
 implementation also reports which code path really ran (``path()``), checked on the first call.
@@ -16,9 +16,9 @@ from .inputs import GRAD_NAMES, InputSet
 
 
 def requested(spec: str) -> set[str]:
-    """The peers a comma list names ("fla", "flashqla"; "none" or empty for none), lower case."""
+    """The peers a comma list names ("fla", "flashqla", "flashinfer"; "none" or empty for none), lower case."""
     wanted = {p.strip().lower() for p in spec.split(",")} - {"none", ""}
-    unknown = wanted - {"fla", "flashqla"}
+    unknown = wanted - {"fla", "flashqla", "flashinfer"}
     if unknown:
         raise ValueError(f"unknown peers {sorted(unknown)}")
     return wanted
@@ -190,6 +190,58 @@ class FlashQLA(Impl):
                        use_qk_l2norm_in_kernel=inp.l2norm, cu_seqlens=inp.cu_seqlens)
 
     description = "flash_qla.chunk_gated_delta_rule (auto_cp=True)"
+
+
+class FlashInfer(Impl):
+    """FlashInfer's SM90 GDN prefill (``flashinfer.gdn_prefill.chunk_gated_delta_rule``), forward only.
+
+    Its conventions differ from FLA's: packed ``[T, H, D]`` inputs with int32 ``cu_seqlens`` (a dense
+    batch is B sequences back to back), the gate itself (``alpha = exp(g)``) instead of its log, and
+    V-major states ``[N, HV, V, K]``. The inputs are converted once per input set, outside the timed
+    calls; its outputs are viewed back in FLA's layouts for the cross-check."""
+
+    name = "FlashInfer"
+    description = "flashinfer.gdn_prefill.chunk_gated_delta_rule (use_cp=auto)"
+
+    def load(self, device):
+        if device.type != "cuda":
+            return "needs a CUDA GPU"
+        try:
+            import flashinfer.gdn_prefill as prefill
+        except Exception as err:            # absent, or its CUTLASS DSL not on the path
+            return f"flashinfer.gdn_prefill not importable ({type(err).__name__}: {_first_line(err)})"
+        self.fn = prefill.chunk_gated_delta_rule
+        return None
+
+    def applies(self, cfg):
+        if cfg.mode != "fwd":
+            return "FlashInfer's GDN prefill has no backward"
+        if (cfg.k_dim, cfg.v_dim) != (128, 128) or cfg.dtype == "fp32":
+            return "FlashInfer's SM90 kernel takes K = V = 128 in bf16/fp16"
+        if cfg.l2norm:
+            return "FlashInfer's prefill takes normalised q, k (no in-kernel l2-norm)"
+        return None
+
+    def __call__(self, inp):
+        x = _flashinfer_inputs(inp)
+        o, state = self.fn(*x["qkv"], x["alpha"], x["beta"], scale=None, initial_state=x["h0"],
+                           output_final_state=True, cu_seqlens=x["cu"], use_cp="auto")
+        return o.view(inp.v.shape), state.transpose(-1, -2)
+
+
+def _flashinfer_inputs(inp: InputSet) -> dict:
+    """FlashInfer's forms of one input set, made on its first use and kept with it."""
+    if not hasattr(inp, "_flashinfer"):
+        B, T = inp.q.shape[:2]
+        if inp.cu_seqlens is not None:
+            cu = inp.cu_seqlens.to(torch.int32)
+        else:
+            cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=inp.q.device)
+        packed = [x.reshape(B * T, *x.shape[2:]).contiguous() for x in (inp.q, inp.k, inp.v)]
+        inp._flashinfer = {"qkv": packed, "alpha": inp.g.reshape(B * T, -1).float().exp().contiguous(),
+                           "beta": inp.beta.reshape(B * T, -1).float().contiguous(), "cu": cu,
+                           "h0": None if inp.h0 is None else inp.h0.transpose(-1, -2).contiguous()}
+    return inp._flashinfer
 
 
 class Naive(Impl):

@@ -11,7 +11,13 @@ from pathlib import Path
 from .check import REFERENCE, limit
 
 OURS = "flashdelta"
-PEERS = ("FLA", "FlashQLA")
+PEERS = ("FLA", "FlashQLA", "FlashInfer")
+ALWAYS_SHOWN = ("FLA", "FlashQLA")     # columns of every table; other peers where a run has them
+
+
+def shown_peers(record: dict) -> tuple[str, ...]:
+    return ALWAYS_SHOWN + tuple(p for p in PEERS if p not in ALWAYS_SHOWN
+                                and any(p in r["impls"] for r in record["results"]))
 
 
 def best_ms(impl: dict | None, kind: str) -> float | None:
@@ -82,9 +88,9 @@ def _host(result: dict, names) -> str:
     return " / ".join("—" if t is None else f"{t * 1e3:.0f}" for t in values)
 
 
-def _per_impl(result: dict, show) -> str:
+def _per_impl(result: dict, show, peers) -> str:
     """``show(impl)`` for flashdelta and each peer, "—" where it did not run."""
-    return " / ".join(show(result["impls"].get(name) or {}) for name in (OURS, *PEERS))
+    return " / ".join(show(result["impls"].get(name) or {}) for name in (OURS, *peers))
 
 
 def _eager_over_graph(impl: dict | None) -> str:
@@ -105,16 +111,18 @@ def markdown(record: dict) -> str:
     env, results = record["environment"], record["results"]
     graph = record["settings"]["graph"]
     kinds = "graph / eager" if graph else "eager"
-    head = [f"config ({record['settings']['mode_label']})", f"flashdelta ms ({kinds})", f"FLA ms ({kinds})",
-            f"FlashQLA ms ({kinds})", "FLA/ours", "FlashQLA/ours", "host us (ours / FLA / FlashQLA)",
-            "ours eager/graph", "floor ms", "floor/ours",
-            "first call s (ours / FLA / FlashQLA)", "check (rel-RMS)"]
+    peers = shown_peers(record)
+    each = " / ".join(("ours", *peers))
+    head = [f"config ({record['settings']['mode_label']})", f"flashdelta ms ({kinds})",
+            *(f"{p} ms ({kinds})" for p in peers), *(f"{p}/ours" for p in peers), f"host us ({each})",
+            "ours eager/graph", "floor ms", "floor/ours", f"first call s ({each})", "check (rel-RMS)"]
+    at = 2 + 2 * len(peers)                  # where the per-implementation columns start
     with_bwd = any(best_ms(i, "bwd_eager") for r in results for i in r["impls"].values())
     if with_bwd:
-        head[6:6] = ["bwd alone ms, eager (ours / FLA / FlashQLA)"]
+        head[at:at] = [f"bwd alone ms, eager ({each})"]
     with_peak = any(i.get("peak_mib") for r in results for i in r["impls"].values())
     if with_peak:
-        head[-2:-2] = ["peak MiB (ours / FLA / FlashQLA)"]
+        head[-2:-2] = [f"peak MiB ({each})"]
     lines = [f"# flashdelta benchmark: {env['device_name']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cell_kinds = ("graph", "eager") if graph else ("eager",)
@@ -129,20 +137,18 @@ def markdown(record: dict) -> str:
         fallback = " (torch path)" if on_gpu and ours.get("path", "").startswith("torch") else ""
         row = [r["label"],
                _cell(r["impls"].get(OURS), cell_kinds) + fallback,
-               _cell(r["impls"].get("FLA"), cell_kinds),
-               _cell(r["impls"].get("FlashQLA"), cell_kinds),
-               _ratio(d["speedup"].get("FLA")),
-               _ratio(d["speedup"].get("FlashQLA")),
-               _host(r, (OURS, *PEERS)),
+               *(_cell(r["impls"].get(p), cell_kinds) for p in peers),
+               *(_ratio(d["speedup"].get(p)) for p in peers),
+               _host(r, (OURS, *peers)),
                _eager_over_graph(ours),
                f"{_ms(floor['ms'])} ({floor['bound'][:3]})" if floor else "—",
                f"{frac[frac_kind]:.3g} ({frac_kind})" if frac else "—",
-               _first_calls(r, (OURS, "FLA", "FlashQLA")),
+               _first_calls(r, (OURS, *peers)),
                _check(r)]
         if with_bwd:
-            row[6:6] = [_per_impl(r, lambda i: _ms(best_ms(i, "bwd_eager")))]
+            row[at:at] = [_per_impl(r, lambda i: _ms(best_ms(i, "bwd_eager")), peers)]
         if with_peak:
-            row[-2:-2] = [_per_impl(r, lambda i: f"{i['peak_mib']:.0f}" if i.get("peak_mib") else "—")]
+            row[-2:-2] = [_per_impl(r, lambda i: f"{i['peak_mib']:.0f}" if i.get("peak_mib") else "—", peers)]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", *(f"- {note}" for note in notes(record))]
     return "\n".join(lines) + "\n"

@@ -75,12 +75,14 @@ def dense_decode(q, k, v, g, beta, scale, initial_state, output_final_state: boo
     problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_v_first)
     if max(problem.seq_lens, default=0) > DECODE_MAX_TOKENS or not _decode_on_kernels(q, v, problem, None, "auto", False):
         return None
-    from .hopper.decode import dense_rows, hopper_decode
+    from .hopper.decode import dense_rows, hopper_decode, pool_unsupported
     from .hopper.forward import flat, unused_rows
     N, HV, K, V = problem.num_seqs, problem.v_heads, problem.k_dim, problem.v_dim
     inner = (V, K) if state_v_first else (K, V)
     unused = unused_rows(HV, K * V, torch.float32, q.device).view(1, HV, *inner)
     h0 = unused if initial_state is None else flat(initial_state, N, HV, *inner, dtype=torch.float32)
+    if pool_unsupported(h0):                # a view at an odd offset: the kernel's loads need 16 bytes
+        return None
     ht = torch.empty(N, HV, *inner, dtype=torch.float32, device=q.device) if output_final_state else unused
     o = hopper_decode(q, k, v, g, beta, problem.k_dim ** -0.5 if scale is None else float(scale), h0,
                       dense_rows(N, initial_state is not None, q.device), ht, dense_rows(N, output_final_state, q.device),

@@ -278,3 +278,17 @@ def test_vllm_name_of_the_indices():
                                          cu_seqlens=cu)[0]
     assert torch.equal(x, y) and torch.equal(a, b) and not torch.equal(a, pool)
     assert flashdelta.fused_recurrent_gated_delta_rule is fused_recurrent_gated_delta_rule
+
+
+def test_kernel_route_refusals_on_the_cpu():
+    """backend='tilelang' names why the decode kernel cannot run; pools the kernel cannot index are named."""
+    q, k, v, g, beta, pool, cu = draw([1, 1], dtype=torch.float32, pool_dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="backend='tilelang' cannot run this call: tensors are on cpu"):
+        fused_recurrent_gated_delta_rule(q, k, v, g, beta=beta, initial_state=pool, state_indices=torch.tensor([0, 1]),
+                                         cu_seqlens=cu, backend="tilelang")
+    pytest.importorskip("tilelang")
+    from flashdelta.gated_delta_rule.hopper.decode import pool_unsupported
+    assert pool_unsupported(torch.zeros(4, 2, 8, 8)) is None
+    odd = torch.zeros(4 * 2 * 64 + 1)[1:].view(4, 2, 8, 8)                  # 4 bytes off a 16-byte boundary
+    assert "16-byte aligned" in pool_unsupported(odd)
+    assert "float32/bfloat16/float16" in pool_unsupported(torch.zeros(4, 2, 8, 8, dtype=torch.float64))

@@ -211,11 +211,11 @@ def _across_ranks(q, k, v, g, beta, scale, initial_state, output_final_state, l2
     if torch.compiler.is_compiling():
         raise NotImplementedError("`cp_context` under torch.compile: not supported yet (call the op eagerly)")
 
-    def local(h0, cu):
-        return run(q, k, v, g, beta, scale, h0, output_final_state, l2norm, cu, state_v_first, backend, False,
-                   cu.cpu())
-    return cp_forward(q, k, v, g, beta, scale, output_final_state, l2norm, cu_seqlens, state_v_first, backend,
-                      cp_context, local)
+    def op(q, k, v, g, beta, h0, cu_cpu):
+        cu = None if cu_cpu is None else cu_cpu.to(q.device, non_blocking=True)
+        return run(q, k, v, g, beta, scale, h0, True, l2norm, cu, False, backend, False, cu_cpu)
+    o, final = cp_forward(q, k, v, g, beta, cu_seqlens, state_v_first, cp_context, op)
+    return o, (final if output_final_state else None)
 
 
 def _fla_options(g, beta, state_v_first, context_parallel, l2norm, use_gate_in_kernel=False,

@@ -11,8 +11,8 @@ The state entering a part is affine in the state entering the part before it (DE
 7): over a part, S_out = M S_in + R, with R the state reached from zero and M the transition. So:
 
 1. each rank computes, for each of its parts whose last sequence continues into the next part, the
-   summary (R, M) of that last local sequence (M only matters where the part lies inside one
-   sequence, and is sent anyway: one shape for all);
+   summary (R, M) of that last local sequence (M only where the part lies inside one sequence, which
+   is the only case a later part applies it; zeros elsewhere, so that every rank sends one shape);
 2. one all-gather exchanges the summaries, ``[parts per rank, HV, K, V + K]`` per rank, bytes
    proportional to heads x K x (K + V) and not to tokens;
 3. each rank composes the state entering the first sequence of each of its parts from the parts
@@ -21,8 +21,9 @@ The state entering a part is affine in the state entering the part before it (DE
 
 The backward is autograd's: the exchange's backward returns each summary's gradient to the rank that
 computed it (one all-reduce of the gathered bytes: the state gradient walking back through the ranks,
-DESIGN section 7), and every local piece is differentiable. Summaries and the composition
-run on the PyTorch path; the local pass takes the kernels where they apply.
+DESIGN section 7), and every local piece is differentiable. The summaries are the op's own calls
+(from zero, and from the identity with v = 0), so they and the local pass take the kernels where
+they apply.
 """
 from __future__ import annotations
 
@@ -124,28 +125,24 @@ def _from_fla(ctx, local_tokens: int, rank: int, world: int) -> Chain:
                  world, tuple(cu))
 
 
-def summary(k, v, g, beta, l2norm: bool, group_size: int):
-    """(R, M) of one local sequence ``[1, L, ...]``: the state reached from zero, ``[HV, K, V]``, and the
-    transition ``[HV, K, K]`` (the state-only walk from the identity with v = 0)."""
-    from .chunked import ChunkLayout, chunk_states, compute_dtype
-    from .naive import l2norm as normalise
-    dtype = compute_dtype(k, v)
-    k, v, g, beta = (x.to(dtype) for x in (k, v, g, beta))
-    if l2norm:
-        k = normalise(k)
-    k = k.repeat_interleave(group_size, dim=2)
-    layout = ChunkLayout.build((k.shape[1],), None, k.device)
-    kc, vc, gc, bc = (layout.gather(x) for x in (k, v, g, beta))
-    R = chunk_states(kc, vc, gc, bc)[0]
-    eye = torch.eye(k.shape[-1], dtype=dtype, device=k.device).expand(k.shape[2], -1, -1)
-    M = chunk_states(kc, torch.zeros_like(kc), gc, bc, eye[None])[0]
+def summary(op, q, k, v, g, beta, with_transition: bool):
+    """(R, M) of one local sequence ``[1, L, ...]``, by the op itself (``op(q, k, v, g, beta, h0, cu)``
+    returns (o, final state); kernels where they apply, differentiable): R, the state reached from
+    zero, ``[HV, K, V]``; M, the transition ``[HV, K, K]``, the state reached from the identity with
+    v = 0, or zeros where ``with_transition`` is False (no later part needs it)."""
+    R = op(q, k, v, g, beta, None, None)[1][0]
+    HV, K = v.shape[2], k.shape[3]
+    if not with_transition:
+        return R, R.new_zeros(HV, K, K)
+    eye = torch.eye(K, dtype=R.dtype, device=R.device).expand(1, HV, K, K).contiguous()
+    M = op(q, k, v.new_zeros(*v.shape[:3], K), g, beta, eye, None)[1][0]
     return R, M
 
 
-def cp_forward(q, k, v, g, beta, scale, output_final_state: bool, l2norm: bool, cu_seqlens, state_v_first: bool,
-               backend: str, cp_context, run_local):
-    """The op under ``cp_context`` (arguments validated by the caller; ``run_local(h0, cu)`` runs the
-    local pass). Returns (o, final states of the local sequences or None)."""
+def cp_forward(q, k, v, g, beta, cu_seqlens, state_v_first: bool, cp_context, op):
+    """The op under ``cp_context`` (arguments validated by the caller; ``op(q, k, v, g, beta, h0, cu)``
+    runs the op on this rank: (o, final states, K-major)). Returns (o, final states of the local
+    sequences, in the call's layout)."""
     import torch.distributed as dist
 
     group = getattr(cp_context, "group", None)
@@ -156,7 +153,7 @@ def cp_forward(q, k, v, g, beta, scale, output_final_state: bool, l2norm: bool, 
     if cu_seqlens is not None and tuple(int(x) for x in cu_seqlens.tolist()) != chain.local_cu_seqlens:
         raise ValueError(f"`cu_seqlens`: under cp_context, expected the local boundaries "
                          f"{list(chain.local_cu_seqlens)[:8]}, got {cu_seqlens.tolist()[:8]}")
-    H, HV, K, V = q.shape[2], v.shape[2], q.shape[3], v.shape[3]
+    HV, K, V = v.shape[2], q.shape[3], v.shape[3]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     cu = chain.local_cu_seqlens
 
@@ -164,8 +161,9 @@ def cp_forward(q, k, v, g, beta, scale, output_final_state: bool, l2norm: bool, 
     for part in chain.parts:
         if part.post > 0:                                   # the part's last sequence goes on: its summary
             a, b = cu[part.local_seqs[-1]], cu[part.local_seqs[-1] + 1]
-            R, M = summary(k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], l2norm, HV // H)
-            sent.append(torch.cat([R, M], dim=-1))
+            inside = part.pre > 0 and len(part.local_seqs) == 1     # the part lies inside one sequence
+            R, M = summary(op, *(x[:, a:b] for x in (q, k, v, g, beta)), inside)
+            sent.append(torch.cat([R.to(dtype), M.to(dtype)], dim=-1))
         else:
             sent.append(torch.zeros(HV, K, V + K, dtype=dtype, device=q.device))
     gathered = _Exchange.apply(_tied(torch.stack(sent), q, k, v, g, beta), group)   # [world, parts, HV, K, V + K]
@@ -187,9 +185,8 @@ def cp_forward(q, k, v, g, beta, scale, output_final_state: bool, l2norm: bool, 
     if starts:
         index = torch.tensor([i for i, _ in starts], device=q.device)
         h0 = h0.index_copy(0, index, torch.stack([S for _, S in starts]))
-    local_cu = torch.tensor(cu, dtype=torch.int32, device=q.device)
-    o, final = run_local(h0.transpose(-1, -2) if state_v_first else h0, local_cu)
-    return o, (final if output_final_state else None)
+    o, final = op(q, k, v, g, beta, h0, torch.tensor(cu, dtype=torch.int32))
+    return o, (final.transpose(-1, -2) if state_v_first else final)
 
 
 def _tied(x, *inputs):

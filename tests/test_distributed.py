@@ -105,3 +105,17 @@ def test_bad_context():
         CPContext(layout="ring")
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
         chunk_gated_delta_rule(*xs, cp_context=CPContext())
+
+
+def _bench_rank(rank, world, port, out):
+    import runpy
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    bench = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "scripts", "cp_bench.py"))
+    bench["main"](["--tokens-per-rank", "64", "--heads", "1/1", "--reps", "2", "--out", out])
+
+
+def test_cp_bench_runs_on_gloo(tmp_path):
+    """scripts/cp_bench.py end to end on two CPU ranks (a smoke test of the script, not a measurement)."""
+    mp.start_processes(_bench_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    text = (tmp_path / "cp-2ranks.md").read_text()
+    assert "| 128 (64) | 1/1 |" in text

@@ -117,20 +117,15 @@ def pooled(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, us
            cu_seqlens_cpu, state_v_first, backend, context_parallel, decode: bool, activation=None, checkpoints=None):
     """A call on a state pool (``serving``), eager or, under ``torch.compile``, through its custom op.
     ``activation``: the ``gates.Activation`` still to apply to (g, beta), or None; ``checkpoints``:
-    a ``checkpoints.Checkpoints`` (eager prefill only)."""
-    if checkpoints is not None:
-        from .serving import pooled_call
-        return pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
-                           cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode, activation,
-                           checkpoints)
+    a ``checkpoints.Checkpoints`` (eager calls only: the caller refuses them under compile)."""
+    args = (q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel, cu_seqlens,
+            cu_seqlens_cpu, state_v_first, backend, context_parallel, decode, activation)
     if torch.compiler.is_compiling():
         from .custom_op import compiled_pooled_call
         check_options(backend, context_parallel)
-        call = compiled_pooled_call
-    else:
-        from .serving import pooled_call as call
-    return call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_tokens, use_qk_l2norm_in_kernel,
-                cu_seqlens, cu_seqlens_cpu, state_v_first, backend, context_parallel, decode, activation)
+        return compiled_pooled_call(*args)
+    from .serving import pooled_call
+    return pooled_call(*args, checkpoints)
 
 
 def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens,

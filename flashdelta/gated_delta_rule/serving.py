@@ -55,12 +55,11 @@ def pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_token
     if decode:
         return token_steps(q, k, v, g, beta, scale, pool, first, state_indices if per_step else None,
                            use_qk_l2norm_in_kernel, problem, cu_seqlens is None, state_v_first)
-    h0 = read_states(pool, first, state_v_first, dtype)
-    if checkpoints is not None and state_v_first:   # the call below runs K-major
-        checkpoints = type(checkpoints)(checkpoints.buffer.transpose(-1, -2), checkpoints.every)
-    o, final = run(q, k, v, g, beta, scale, h0, True, use_qk_l2norm_in_kernel, cu_seqlens, False, backend,
+    # the states stay in the pool's layout throughout: the op takes either (state_v_first)
+    h0 = read_states(pool, first, False, dtype)
+    o, final = run(q, k, v, g, beta, scale, h0, True, use_qk_l2norm_in_kernel, cu_seqlens, state_v_first, backend,
                    context_parallel, cu_seqlens_cpu, checkpoints=checkpoints)
-    write_states(pool, state_indices, final, state_v_first)
+    write_states(pool, state_indices, final, False)
     return o
 
 

@@ -107,26 +107,31 @@ def check_slots(state_indices: torch.Tensor, slots: int, tokens_per_seq=None, nu
 
 
 def read_states(pool: torch.Tensor, rows: torch.Tensor, state_v_first: bool, dtype: torch.dtype) -> torch.Tensor:
-    """``pool[rows]`` in ``dtype``, K-major (``[N, HV, K, V]``); rows of -1 read as zeros."""
-    valid = rows >= 0
-    states = pool[rows.clamp(min=0)].to(dtype) * valid.to(dtype)[:, None, None, None]
+    """``pool[rows]`` in ``dtype``, rows of -1 read as zeros: K-major (``[N, HV, K, V]``) where
+    ``state_v_first`` says the pool is V-major, else in the pool's own layout. One gather and one
+    in-place mask (and a conversion where the dtypes differ)."""
+    states = pool[rows.clamp(min=0)]
+    if states.dtype != dtype:
+        states = states.to(dtype)
+    states.masked_fill_((rows < 0)[:, None, None, None], 0)
     return states.transpose(-1, -2) if state_v_first else states
 
 
 def write_states(pool: torch.Tensor, rows: torch.Tensor, states: torch.Tensor, state_v_first: bool) -> None:
-    """``pool[rows] = states`` (K-major ``[N, HV, K, V]``, rounded to the pool's dtype) in place, rows of
-    -1 skipped, without a host synchronisation.
+    """``pool[rows] = states`` (K-major ``[N, HV, K, V]`` where ``state_v_first`` says the pool is
+    V-major, else in its layout; rounded to the pool's dtype) in place, rows of -1 skipped, without a
+    host synchronisation.
 
     A skipped row cannot be dropped without knowing which rows are skipped (a host read), so it is sent
     to the slot of the first stored row, with that row's value: duplicate indices of index_copy_ then
-    carry equal values and the result does not depend on their order. With no row stored at all, the
-    skipped rows rewrite slot 0 with its own value."""
-    if rows.numel() == 0:
+    carry equal values and the result does not depend on their order. With no row stored at all, every
+    row goes to slot 0 with slot 0's own value (the one select below)."""
+    if rows.numel() == 0 or pool.shape[0] == 0:
         return
     states = states.transpose(-1, -2) if state_v_first else states
     valid = rows >= 0
     first = valid.to(torch.int8).argmax()                         # the first stored row (0 if none)
     source = torch.where(valid, torch.arange(rows.shape[0], device=rows.device), first)
     target = rows[source].clamp(min=0).long()
-    values = torch.where(valid[source][:, None, None, None], states[source].to(pool.dtype), pool[target])
+    values = torch.where(valid.any(), states[source].to(pool.dtype), pool[:1])
     pool.index_copy_(0, target, values)

@@ -119,3 +119,26 @@ def test_cp_bench_runs_on_gloo(tmp_path):
     mp.start_processes(_bench_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     text = (tmp_path / "cp-2ranks.md").read_text()
     assert "| 128 (64) | 1/1 |" in text
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_fla_contexts_describe_the_same_chain(layout, world):
+    """FLA's own FLACPContext (fla.ops.cp; fla needs triton, so this runs where fla is installed) and
+    flashdelta's CPContext give every rank the same parts, local boundaries and neighbours."""
+    cp = pytest.importorskip("fla.ops.cp.context")
+    cu = torch.tensor([0, 100, 640, 700, 1024])
+    for rank in range(world):
+        fla_ctx = cp.get_cp_cu_seqlens(cu, cu_seqlens_cpu=cu, world_size=world, rank=rank, layout=layout)
+        local = 1024 // world
+        assert chain_of(fla_ctx, local, rank, world) == chain_of(CPContext(layout=layout, cu_seqlens=cu), local,
+                                                                 rank, world), (layout, world, rank)
+
+
+def test_refusals_under_cp_context():
+    from flashdelta import fused_recurrent_gated_delta_rule
+    xs, _ = stream([64])
+    with pytest.raises(NotImplementedError, match="use chunk_gated_delta_rule"):
+        fused_recurrent_gated_delta_rule(*xs[:4], beta=xs[4], cp_context=CPContext())
+    with pytest.raises(ValueError, match="`initial_state`: not supported with `cp_context`"):
+        chunk_gated_delta_rule(*xs, initial_state=torch.zeros(1, HV, D, D), cp_context=CPContext())

@@ -198,11 +198,12 @@ def _describe_plan(plan: Plan) -> str:
 def _across_ranks(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm, state_v_first, cu_seqlens,
                   cp_context, backend, state_indices, checkpoints):
     """``chunk_gated_delta_rule`` under ``cp_context`` (``distributed``)."""
-    from .distributed import check_context, cp_forward
+    from .distributed import check_context, cp_forward, require_initialised
     check_context(cp_context)
     for name, x in (("initial_state", initial_state), ("state_indices", state_indices), ("checkpoints", checkpoints)):
         if x is not None:
             raise ValueError(f"`{name}`: not supported with `cp_context` (the first rank's sequences start from zero)")
+    require_initialised()
     if torch.compiler.is_compiling():
         raise NotImplementedError("`cp_context` under torch.compile: not supported yet (call the op eagerly)")
 

@@ -72,6 +72,9 @@ def check_context(cp_context) -> None:
     if not (isinstance(cp_context, CPContext) or _is_fla(cp_context)):
         raise TypeError(f"`cp_context`: expected flashdelta.CPContext or FLA's FLACPContext, "
                         f"got {type(cp_context).__name__}")
+
+
+def require_initialised() -> None:
     import torch.distributed as dist
     if not dist.is_initialized():
         raise ValueError("`cp_context`: torch.distributed is not initialised (init_process_group first)")

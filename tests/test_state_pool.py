@@ -292,3 +292,11 @@ def test_kernel_route_refusals_on_the_cpu():
     odd = torch.zeros(4 * 2 * 64 + 1)[1:].view(4, 2, 8, 8)                  # 4 bytes off a 16-byte boundary
     assert "16-byte aligned" in pool_unsupported(odd)
     assert "float32/bfloat16/float16" in pool_unsupported(torch.zeros(4, 2, 8, 8, dtype=torch.float64))
+
+
+def test_explain_names_the_pool_and_checkpoint_route():
+    q, k, v, g, beta, pool, cu = draw([70, 9], dtype=torch.float32, pool_dtype=torch.float32)
+    text = flashdelta.explain(q, k, v, g, beta, initial_state=pool, state_indices=torch.tensor([0, 1]), cu_seqlens=cu)
+    assert text.startswith("torch (tensors are on cpu") and text.endswith("written after the call")
+    buf = torch.empty(1, HV, K, V)
+    assert flashdelta.explain(q, k, v, g, beta, cu_seqlens=cu, checkpoint_every=64, checkpoints=buf).startswith("torch")

@@ -162,14 +162,18 @@ def explain(q, k, v, g, beta, initial_state=None, cu_seqlens=None, state_v_first
     E.g. ``"tilelang, unsplit, V tile 128"``, ``"tilelang, context parallel: 16 segments of 32
     chunks, V tile 128"`` or ``"torch (tensors are on cpu, ...)"``; ``"; autograd"`` is added where
     the call will be differentiated (grad mode on and an input requiring grad), which ``no_grad`` and
-    ``inference_mode`` turn off, as they do for the call itself. Takes the op's other keywords too.
+    ``inference_mode`` turn off, as they do for the call itself. Takes the op's other keywords too;
+    with ``state_indices`` it says how the pool is read and written.
     """
     kwargs.pop("scale", None), kwargs.pop("output_final_state", None), kwargs.pop("cp_context", None)
     l2norm = kwargs.pop("use_qk_l2norm_in_kernel", False)
+    state_indices = kwargs.pop("state_indices", None)
+    saved = Checkpoints.of(kwargs.pop("checkpoint_every", None), kwargs.pop("checkpoints", None))
     g, beta, state_v_first, context_parallel = _fla_options(g, beta, state_v_first, context_parallel, l2norm,
                                                             **kwargs)
-    return str(_decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend, context_parallel,
-                       cu_seqlens_cpu)[1])
+    route = str(_decide(q, k, v, g, beta, None if state_indices is not None else initial_state, cu_seqlens,
+                        state_v_first, backend, context_parallel, cu_seqlens_cpu, checkpoints=saved)[1])
+    return route + ("; state pool rows read before and written after the call" if state_indices is not None else "")
 
 
 @dataclass(frozen=True)

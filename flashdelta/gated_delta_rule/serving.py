@@ -6,8 +6,10 @@ Both entry points come here when given ``state_indices``:
   written back. The chunked op runs on the states gathered from the pool (kernels where they apply).
 - ``fused_recurrent_gated_delta_rule``: a few tokens per sequence, the state walked token by token; with
   2-D indices every intermediate state is kept in its own slot (speculative verify) and
-  ``num_accepted_tokens`` picks the slot each sequence starts from. ``token_steps`` below is this
-  path's PyTorch implementation and specification.
+  ``num_accepted_tokens`` picks the slot each sequence starts from. On Hopper the decode kernel
+  (``hopper.recurrent_step``) reads and writes the pool in place; ``token_steps`` below is this
+  path's PyTorch implementation and specification. The same kernel serves short dense-state calls
+  (``dense_decode``), up to the planner's ``DECODE_MAX_TOKENS`` tokens per sequence.
 
 Every read of the pool happens before any write, so a sequence may start from a slot it then writes.
 """

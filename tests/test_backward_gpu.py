@@ -46,7 +46,7 @@ def _draw(lens, H, HV, *, varlen, h0=True, l2=False, zero_heads=0, strong_heads=
 
 
 def _check(lens, H, HV, *, varlen, h0=True, l2=False, v_first=False, final=True, d_final=True, d_out=True,
-           zero_heads=0, strong_heads=0, strong=8.0, dtype=torch.bfloat16, seed=0):
+           zero_heads=0, strong_heads=0, strong=8.0, dtype=torch.bfloat16, seed=0, context_parallel=None):
     _hopper()
     q, k, v, g, beta, s0, cu = _draw(lens, H, HV, varlen=varlen, h0=h0, l2=l2, zero_heads=zero_heads,
                                      strong_heads=strong_heads, strong=strong, seed=seed)
@@ -62,9 +62,10 @@ def _check(lens, H, HV, *, varlen, h0=True, l2=False, v_first=False, final=True,
     kw = dict(scale=0.1, output_final_state=final, use_qk_l2norm_in_kernel=l2, state_v_first=v_first,
               cu_seqlens=None if cu is None else cu.to(DEV))
 
-    def grads(inputs, backend):
+    def grads(inputs, backend, **split):
         leaves = [x.to(DEV).requires_grad_() if x is not None else None for x in inputs]
-        o, s = flashdelta.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5], backend=backend, **kw)
+        o, s = flashdelta.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5], backend=backend, **kw,
+                                                 **split)
         loss = 0
         if d_out:
             loss = loss + (o.double() * do.to(DEV)).sum()
@@ -77,10 +78,11 @@ def _check(lens, H, HV, *, varlen, h0=True, l2=False, v_first=False, final=True,
     o_ref, s_ref, g_ref = grads((q, k, v, g, beta, s0), "torch")
     _poison(4 * sum(lens) * HV * 128)
     low = [x.to(dtype) for x in (q, k, v)] + [g.float(), beta.float(), None if s0 is None else s0.float()]
+    split = {} if context_parallel is None else {"context_parallel": context_parallel}
     assert flashdelta.explain(*[x.to(DEV).requires_grad_() for x in low[:5]],
-                              initial_state=None if s0 is None else low[5].to(DEV),
-                              cu_seqlens=kw["cu_seqlens"]).endswith("; TileLang backward")
-    o, s, g_got = grads(low, "auto")
+                              initial_state=None if s0 is None else low[5].to(DEV), cu_seqlens=kw["cu_seqlens"],
+                              **split).endswith("; TileLang backward" + (", context parallel" if split else ""))
+    o, s, g_got = grads(low, "auto", **split)
     errs = {"o": rel_err(o, o_ref)}
     if final:
         errs["ht"] = rel_err(s, s_ref)
@@ -88,6 +90,18 @@ def _check(lens, H, HV, *, varlen, h0=True, l2=False, v_first=False, final=True,
     bad = {n: e for n, e in errs.items() if not e <= TOL[n]}
     assert not bad, f"errors {errs}"
     return errs
+
+
+@pytest.mark.parametrize("lens,heads,segment_chunks", [
+    ([8192], (2, 4), 16),                    # one long sequence: 8 segments, g = 0, tiny and strong decay
+    ([3000, 64, 1, 5000], (2, 8), 8),        # varlen: long and short sequences, one of one token
+    ([4096, 4096], (4, 8), True),            # the planner's segment length
+    ([131072], (1, 2), True),                # issue 16's long sequence
+])
+def test_context_parallel_backward(lens, heads, segment_chunks):
+    """The backward on the forward's segments (``hopper/context_parallel_backward.py``)."""
+    _check(lens, *heads, varlen=len(lens) > 1, zero_heads=1, strong_heads=1, v_first=len(lens) == 4,
+           context_parallel=segment_chunks)
 
 
 def test_gate_gradient_at_strong_decay():

@@ -12,6 +12,7 @@ from helpers import make_inputs, rel_err
 
 pytest.importorskip("tilelang")
 from flashdelta.gated_delta_rule.hopper import context_parallel as hopper_cp  # noqa: E402
+from flashdelta.gated_delta_rule.hopper import context_parallel_backward as hopper_cp_bwd  # noqa: E402
 from flashdelta.gated_delta_rule.hopper import backward as hopper_bwd  # noqa: E402
 from flashdelta.gated_delta_rule.hopper import forward as hopper_fwd  # noqa: E402
 
@@ -42,8 +43,14 @@ def kernels(monkeypatch):
         problem = Problem(q.shape[0], q.shape[1], q.shape[2], v.shape[2], q.shape[3], v.shape[3], tuple(seq_lens))
         return chunked_backward(q, k, v, g, beta, scale, h0, l2, problem, cu is None, v_first, do, dht)
 
+    def fake_cp_backward(q, k, v, g, beta, scale, h0, l2, cu, seq_lens, v_first, do, dht, plan, needs_dh0=True):
+        calls.append(("cp backward", plan.segment_chunks))
+        problem = Problem(q.shape[0], q.shape[1], q.shape[2], v.shape[2], q.shape[3], v.shape[3], tuple(seq_lens))
+        return chunked_backward(q, k, v, g, beta, scale, h0, l2, problem, cu is None, v_first, do, dht)
+
     monkeypatch.setattr(hopper_cp, "hopper_cp_forward", fake_cp)
     monkeypatch.setattr(hopper_bwd, "hopper_backward", fake_backward)
+    monkeypatch.setattr(hopper_cp_bwd, "hopper_cp_backward", fake_cp_backward)
     return calls
 
 
@@ -95,6 +102,35 @@ def test_gradients_take_the_kernel_backward(kernels, varlen, l2, v_first, final,
         assert a is None or rel_err(a, e) <= 1e-10
 
 
+@pytest.mark.parametrize("context_parallel,auto,expected", [
+    (3, False, [("cp", 3), ("cp backward", 3)]),          # asked for: the backward follows the segments
+    (None, False, [("cp", 2), ("backward",)]),            # planned, backward split not on: unsplit backward
+    (None, True, [("cp", 2), ("cp backward", 2)]),        # planned, and on in the tuning table
+])
+def test_backward_follows_the_forward_segments(kernels, monkeypatch, context_parallel, auto, expected):
+    from flashdelta.gated_delta_rule import planner
+    monkeypatch.setitem(planner.TUNING, "auto_backward_context_parallel", auto)
+    monkeypatch.setattr(api, "plan_forward", lambda *a: planner.plan_forward(*a[:-1], context_parallel or 2))
+    gen = torch.Generator().manual_seed(3)
+    xs = make_inputs(1, 700, 1, 2, 8, 8, generator=gen)
+
+    def grads(backend):
+        leaves = [x.clone().requires_grad_() for x in xs]
+        o, s = flashdelta.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True,
+                                                 backend=backend, context_parallel=context_parallel)
+        ((o * o).sum() + s.sum()).backward()
+        return [x.grad for x in leaves]
+
+    want = grads("torch")
+    kernels.clear()
+    path = flashdelta.explain(*[x.clone().requires_grad_() for x in xs[:5]], initial_state=xs[5],
+                              context_parallel=context_parallel)
+    assert path.endswith("; TileLang backward" + (", context parallel" if expected[1][0] == "cp backward" else ""))
+    got = grads("auto")
+    assert kernels == expected
+    assert all(rel_err(a, e) <= 1e-10 for a, e in zip(got, want))
+
+
 def test_activated_gates_reach_the_kernels(kernels):
     """use_gate_in_kernel / use_beta_sigmoid_in_kernel on the kernel branch: the kernels get the activated
     g and beta, and autograd carries the backward on to A_log, dt_bias and the raw inputs."""
@@ -116,3 +152,20 @@ def test_activated_gates_reach_the_kernels(kernels):
     got = grads("auto")
     assert [c[0] for c in kernels] == ["unsplit", "backward"]
     assert all(rel_err(a, e) <= 1e-10 for a, e in zip(got, expected))
+
+
+def test_backward_tables_from_the_plan():
+    """The CP backward's tables: every real segment used, each sequence's segments reversed (padded
+    with the "none" row), each sequence's first segment (-1 for an empty one)."""
+    from flashdelta.gated_delta_rule import planner
+    lens = (300, 0, 130)
+    plan = planner.plan_forward(lens, 2, 128, 132, 2)
+    table, reverse, first = hopper_cp_bwd.backward_tables(plan, lens, None, torch.device("cpu"))
+    S = len(plan.segments)
+    per_seq = [[i for i, (n, _, _) in enumerate(plan.segments) if n == s] for s in range(3)]
+    assert table.segments[:-1, 4].tolist() == [1] * S and table.segments[-1].tolist() == [0, 0, 0, 0, 0]
+    width = reverse.shape[1]
+    assert reverse.tolist() == [p[::-1] + [S] * (width - len(p)) for p in per_seq]
+    assert first.tolist() == [per_seq[0][0], -1, per_seq[2][0]]
+    assert planner.backward_plan(plan, 2) is plan and planner.backward_plan(plan, None) is None
+    assert planner.backward_plan(planner.plan_forward(lens, 2, 128, 132, False), True) is None

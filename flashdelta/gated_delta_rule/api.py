@@ -12,7 +12,7 @@ from .chunked import chunked_gated_delta_rule
 from .context_parallel import TRUNCATION_TAU
 from .gates import activate, needs_activation
 from .inputs import sm_count, validate
-from .planner import Plan, plan_forward
+from .planner import Plan, backward_plan, plan_forward
 
 logger = logging.getLogger("flashdelta")
 
@@ -143,7 +143,8 @@ def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
         from .hopper.context_parallel import hopper_cp_forward
         from .hopper.forward import hopper_forward
         if route.plan.context_parallel:
-            launch = _with_backward(hopper_cp_forward, route.needs_grad, problem, cu_seqlens, state_v_first)
+            launch = _with_backward(hopper_cp_forward, route.needs_grad, problem, cu_seqlens, state_v_first,
+                                    backward_plan(route.plan, context_parallel))
             return launch(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan)
         launch = _with_backward(hopper_forward, route.needs_grad, problem, cu_seqlens, state_v_first)
         return launch(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan.v_tile)
@@ -184,10 +185,12 @@ class Route:
     plan: Plan | None          # kernels: always; torch path: a CP plan when one was asked for
     needs_grad: bool
     reason: str = ""           # why the PyTorch path
+    split_backward: bool = False   # kernels: the backward walks the forward's segments
 
     def __str__(self):
         if self.kernels:
-            return "tilelang, " + _describe_plan(self.plan) + ("; TileLang backward" if self.needs_grad else "")
+            backward = "; TileLang backward" + (", context parallel" if self.split_backward else "")
+            return "tilelang, " + _describe_plan(self.plan) + (backward if self.needs_grad else "")
         return (f"torch ({self.reason})" + (", " + _describe_plan(self.plan) if self.plan else "")
                 + ("; autograd" if self.needs_grad else ""))
 
@@ -265,7 +268,8 @@ def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
         if reason is None:
             plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, sm_count(q.device),
                                 context_parallel)
-            return problem, Route(True, plan, needs_grad)
+            split = backward_plan(plan, context_parallel) is not None
+            return problem, Route(True, plan, needs_grad, split_backward=split)
         if backend == "tilelang":
             raise RuntimeError(f"backend='tilelang' cannot run this call: {reason}")
     plan = None
@@ -286,10 +290,22 @@ def kernel_backward(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_ker
                              context_parallel, cu_seqlens_cpu, True)
     if not route.kernels:
         return None
-    from .hopper.backward import hopper_backward
     scale = problem.k_dim ** -0.5 if scale is None else float(scale)
-    return hopper_backward(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_kernel, cu_seqlens,
-                           problem.seq_lens, state_v_first, do, dfinal)
+    return _kernel_gradients(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_kernel, cu_seqlens,
+                             problem.seq_lens, state_v_first, do, dfinal, True, backward_plan(route.plan,
+                                                                                              context_parallel))
+
+
+def _kernel_gradients(q, k, v, g, beta, scale, initial_state, l2norm, cu_seqlens, seq_lens, state_v_first, do,
+                      dfinal, needs_dh0, plan):
+    """The backward's kernels: on the plan's segments where ``plan`` is given, else unsplit."""
+    if plan is not None:
+        from .hopper.context_parallel_backward import hopper_cp_backward
+        return hopper_cp_backward(q, k, v, g, beta, scale, initial_state, l2norm, cu_seqlens, seq_lens,
+                                  state_v_first, do, dfinal, plan, needs_dh0=needs_dh0)
+    from .hopper.backward import hopper_backward
+    return hopper_backward(q, k, v, g, beta, scale, initial_state, l2norm, cu_seqlens, seq_lens, state_v_first,
+                           do, dfinal, needs_dh0=needs_dh0)
 
 
 def grad_needed(*inputs) -> bool:
@@ -343,13 +359,12 @@ class _KernelAutograd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        from .hopper.backward import hopper_backward
         q, k, v, g, beta, initial_state = ctx.saved_tensors
         opt = ctx.options
         do = torch.zeros_like(v) if do is None else do
-        grads = hopper_backward(q, k, v, g, beta, opt.scale, initial_state, opt.l2norm, opt.cu_seqlens,
-                                opt.seq_lens, opt.state_v_first, do, dfinal if ctx.has_final else None,
-                                needs_dh0=ctx.needs_input_grad[7])
+        grads = _kernel_gradients(q, k, v, g, beta, opt.scale, initial_state, opt.l2norm, opt.cu_seqlens,
+                                  opt.seq_lens, opt.state_v_first, do, dfinal if ctx.has_final else None,
+                                  ctx.needs_input_grad[7], opt.plan)
         return (None, None, *(x if needed else None for x, needed in zip(grads, ctx.needs_input_grad[2:])))
 
 
@@ -360,16 +375,17 @@ class _BackwardOptions:
     cu_seqlens: object
     seq_lens: tuple
     state_v_first: bool
+    plan: Plan | None           # the segments of a context-parallel backward, or None (unsplit)
 
 
-def _with_backward(kernel, needs_grad, problem, cu_seqlens, state_v_first):
+def _with_backward(kernel, needs_grad, problem, cu_seqlens, state_v_first, plan=None):
     """``kernel`` (a forward launcher taking (q, k, v, g, beta, scale, h0, *rest)), differentiable
-    through the backward's kernels where the call needs gradients."""
+    through the backward's kernels where the call needs gradients (on ``plan``'s segments if given)."""
     if not needs_grad:
         return kernel
 
     def run(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm, *rest):
-        options = _BackwardOptions(scale, l2norm, cu_seqlens, problem.seq_lens, state_v_first)
+        options = _BackwardOptions(scale, l2norm, cu_seqlens, problem.seq_lens, state_v_first, plan)
         forward = lambda *a: kernel(*a, output_final_state, l2norm, *rest)  # noqa: E731
         return _KernelAutograd.apply(forward, options, q, k, v, g, beta, initial_state)
     return run

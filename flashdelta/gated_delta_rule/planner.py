@@ -46,6 +46,10 @@ TUNING = {
     "max_segment_chunks": 64,
     # context_parallel=None lets the model choose between the unsplit and the CP forward
     "auto_context_parallel": True,
+    # ... and whether the backward follows a CP forward's segments (hopper/context_parallel_backward.py).
+    # Off until the GPU tests and the qwen35-bwd matrix have run it; an explicit context_parallel
+    # (True or a segment length) turns it on for that call.
+    "auto_backward_context_parallel": False,
 }
 
 # The per-chunk preparation splits a GVA group's value heads over CTAs until its grid has this many
@@ -125,6 +129,15 @@ def plan_forward(seq_lens: tuple[int, ...], v_heads: int, v_dim: int, sm_count: 
     mode = context_parallel if context_parallel is None or isinstance(context_parallel, bool) else "forced"
     forced = 0 if mode != "forced" else int(context_parallel)
     return _plan(tuple(seq_lens), v_heads, v_dim, sm_count, mode, forced)
+
+
+def backward_plan(forward: Plan, context_parallel: bool | int | None) -> Plan | None:
+    """The segments the backward walks on: the forward's, where it split and the backward split is on
+    (by the tuning table, or asked for by the call), else None (the unsplit backward)."""
+    if not forward.context_parallel:
+        return None
+    asked = context_parallel is not None and context_parallel is not False
+    return forward if asked or TUNING["auto_backward_context_parallel"] else None
 
 
 @lru_cache(maxsize=256)

@@ -104,13 +104,20 @@ def hopper_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm
             entry(gradients_kernel(DTYPES[q.dtype]))(
                 qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, dq_heads, dk_heads, dbeta, dg, float(scale))
 
-    group = HV // H
+    if dh0 is not None:
+        dh0 = dh0.view(N, HV, V, K) if state_v_first else dh0.view(N, HV, K, V)
+        dh0 = dh0.to(initial_state.dtype)
+    return finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel, dq_heads, dk_heads, dv, dg, dbeta, dh0)
+
+
+def finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel: bool, dq_heads, dk_heads, dv, dg, dbeta, dh0):
+    """The kernels' per-value-head dq / dk summed over each GVA group, through the l2-norm's backward,
+    and every gradient in its input's dtype and shape."""
+    B, Tn, H, K = q.shape
+    tokens, group = B * Tn, dq_heads.shape[1] // H
     dq, dk = (x.view(tokens, H, group, K).sum(2) if group > 1 else x.view(tokens, H, K) for x in (dq_heads, dk_heads))
     if use_qk_l2norm_in_kernel:
         dq = l2norm_backward(q.reshape(tokens, H, K).float(), dq)
         dk = l2norm_backward(k.reshape(tokens, H, K).float(), dk)
-    if dh0 is not None:
-        dh0 = dh0.view(N, HV, V, K) if state_v_first else dh0.view(N, HV, K, V)
-        dh0 = dh0.to(initial_state.dtype)
-    return (dq.to(q.dtype).view(B, Tn, H, K), dk.to(k.dtype).view(B, Tn, H, K), dv.view(B, Tn, HV, V),
+    return (dq.to(q.dtype).view(B, Tn, H, K), dk.to(k.dtype).view(B, Tn, H, K), dv.view(*q.shape[:2], *dv.shape[1:]),
             dg.to(g.dtype).view(g.shape), dbeta.to(beta.dtype).view(beta.shape), dh0)

@@ -70,3 +70,23 @@ def test_bad_arguments(kw, error, match):
     with pytest.raises(error, match=match):
         chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu, **kw)
     assert flashdelta.checkpoint_offsets is checkpoint_offsets
+
+
+def test_kernels_form_picks_the_same_states():
+    """``store_entering`` (the kernels' per-chunk entry states) fills the buffer as ``store`` does."""
+    from flashdelta.gated_delta_rule.checkpoints import Checkpoints
+    lens = (300, 128, 0, 64)
+    gen = torch.Generator().manual_seed(4)
+    chunk_counts = [-(-L // 64) for L in lens]
+    after = [torch.randn(c, HV, K, V, generator=gen, dtype=torch.float64) for c in chunk_counts]  # after each chunk
+    entering = torch.cat([torch.cat([torch.zeros(1, HV, K, V, dtype=torch.float64), a[:-1]]) for a in after if len(a)])
+    final = torch.stack([a[-1] if len(a) else torch.zeros(HV, K, V, dtype=torch.float64) for a in after])
+    width = max(chunk_counts)
+    padded = torch.stack([torch.cat([a, a[-1:].expand(width - len(a), -1, -1, -1)]) if len(a) else
+                          torch.zeros(width, HV, K, V, dtype=torch.float64) for a in after])     # [N, NC, K, V]
+    for every in (64, 128):
+        rows = checkpoint_offsets(lens, every)[-1]
+        want, got = (Checkpoints(torch.zeros(rows, HV, K, V, dtype=torch.float64), every) for _ in range(2))
+        want.store(padded.permute(0, 2, 1, 3, 4), lens, False)                  # [N, HV, NC, K, V]
+        got.store_entering(entering.transpose(-1, -2), final, lens, False)
+        assert torch.equal(got.buffer, want.buffer), every

@@ -179,6 +179,34 @@ def test_prefill_on_a_pool_equals_dense_states(pool_dtype):
     assert torch.equal(pool[untouched], before[untouched])
 
 
+@pytest.mark.parametrize("v_first", [False, True])
+def test_checkpoints_on_the_kernels(v_first):
+    """checkpoint_every with a buffer of q's dtype on the kernels: the state after every 128 tokens
+    against the float64 token loop, within bf16's rounding (and the pool prefill with them)."""
+    _hopper()
+    from flashdelta import checkpoint_offsets, explain
+    lens = [300, 128, 40]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
+    q, k, v, g, beta = draw(17, 1, sum(lens))
+    offsets = checkpoint_offsets(lens, 128)
+    shape = (offsets[-1], HV, D, D)
+    buf = torch.full(shape, float("nan"), dtype=torch.bfloat16, device=DEV)
+    kw = dict(cu_seqlens=cu, state_v_first=v_first, checkpoint_every=128)
+    assert explain(q, k, v, g, beta, checkpoints=buf, **kw).startswith("tilelang")
+    chunk_gated_delta_rule(q, k, v, g, beta, checkpoints=buf, **kw)
+    torch.cuda.synchronize()
+    got = (buf.transpose(-1, -2) if v_first else buf).double().cpu()
+    x = [t.double().cpu() for t in (q, k, v, g, beta)]
+    errors = {}
+    for n, L in enumerate(lens):
+        a = cu[n].item()
+        for j in range(L // 128):
+            s = slice(a, a + (j + 1) * 128)
+            _, want = naive_gated_delta_rule(*(y[:, s] for y in x), output_final_state=True)
+            errors[(n, j)] = rel_err(got[offsets[n] + j], want[0])
+    assert max(errors.values()) < 5e-3, f"errors {errors}"
+
+
 def test_graph_replay_equals_eager():
     """A decode step captured once, replayed on new q/k/v/g/beta, slots and pool contents."""
     _hopper()

@@ -26,9 +26,9 @@ def as_torch(q, k, v, g, beta, scale, h0, final, l2, cu, seq_lens, v_first, **se
 def kernels(monkeypatch):
     calls = []
 
-    def fake_forward(*a, v_tile=128):
-        calls.append(("unsplit", v_tile))
-        return as_torch(*a)
+    def fake_forward(*a, v_tile=128, checkpoints=None):
+        calls.append(("unsplit", v_tile) + (("checkpoints",) if checkpoints is not None else ()))
+        return as_torch(*a, checkpoints=checkpoints)
 
     def fake_cp(*a):
         *a, plan = a
@@ -37,7 +37,8 @@ def kernels(monkeypatch):
 
     monkeypatch.setattr(api, "_tilelang_unavailable", lambda *a: None)
     monkeypatch.setattr(api, "sm_count", lambda device: 132)
-    monkeypatch.setattr(hopper_fwd, "hopper_forward", lambda *a: fake_forward(*a[:-1], v_tile=a[-1]))
+    monkeypatch.setattr(hopper_fwd, "hopper_forward",
+                        lambda *a, checkpoints=None: fake_forward(*a[:-1], v_tile=a[-1], checkpoints=checkpoints))
     def fake_backward(q, k, v, g, beta, scale, h0, l2, cu, seq_lens, v_first, do, dht, needs_dh0=True):
         calls.append(("backward",))
         problem = Problem(q.shape[0], q.shape[1], q.shape[2], v.shape[2], q.shape[3], v.shape[3], tuple(seq_lens))
@@ -169,3 +170,22 @@ def test_backward_tables_from_the_plan():
     assert first.tolist() == [per_seq[0][0], -1, per_seq[2][0]]
     assert planner.backward_plan(plan, 2) is plan and planner.backward_plan(plan, None) is None
     assert planner.backward_plan(planner.plan_forward(lens, 2, 128, 132, False), True) is None
+
+
+@pytest.mark.parametrize("buffer_dtype,kernels_take_it", [(torch.float64, True), (torch.float32, False)])
+def test_checkpoints_on_the_kernel_branch(kernels, buffer_dtype, kernels_take_it):
+    """A checkpoint buffer of q's dtype goes to the kernels with the call; another dtype keeps the
+    PyTorch path (the kernels store the states in q's dtype)."""
+    from flashdelta import checkpoint_offsets
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, g, beta, h0 = make_inputs(1, 330, 1, 2, 8, 8, generator=gen, num_seqs=2)
+    cu = torch.tensor([0, 200, 330])
+    rows = checkpoint_offsets([200, 130], 64)[-1]
+    buf, want = torch.zeros(rows, 2, 8, 8, dtype=buffer_dtype), torch.zeros(rows, 2, 8, 8, dtype=buffer_dtype)
+    with torch.no_grad():
+        o, _ = flashdelta.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu,
+                                                 checkpoint_every=64, checkpoints=buf)
+        o_ref, _ = flashdelta.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, cu_seqlens=cu,
+                                                     checkpoint_every=64, checkpoints=want, backend="torch")
+    assert [(c[0], c[-1]) for c in kernels] == ([("unsplit", "checkpoints")] if kernels_take_it else [])
+    assert torch.equal(buf, want) and torch.equal(o, o_ref)

@@ -73,7 +73,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
             values per index tensor and version, skipped during CUDA graph capture. See ``state_pool``.
         checkpoint_every, checkpoints: also store the state after every ``checkpoint_every`` tokens (a
             multiple of 64) of each sequence into the buffer ``checkpoints``, for prefix caching; its row
-            layout is ``checkpoints.checkpoint_offsets``'s. Runs on the PyTorch path for now.
+            layout is ``checkpoints.checkpoint_offsets``'s. On the kernels for a buffer of q's dtype
+            (one extra state-only walk) without gradients, else on the PyTorch path.
         backend: ``"auto"`` (TileLang kernels on Hopper when they apply, else PyTorch), ``"tilelang"``
             or ``"torch"`` (exact chunked PyTorch; differentiable on every device).
         context_parallel: split long sequences into segments processed in parallel (DESIGN section 3):
@@ -146,6 +147,9 @@ def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
             launch = _with_backward(hopper_cp_forward, route.needs_grad, problem, cu_seqlens, state_v_first,
                                     backward_plan(route.plan, context_parallel))
             return launch(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan)
+        if checkpoints is not None:                  # serving calls: no gradients (see _decide)
+            return hopper_forward(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan.v_tile,
+                                  checkpoints=checkpoints)
         launch = _with_backward(hopper_forward, route.needs_grad, problem, cu_seqlens, state_v_first)
         return launch(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan.v_tile)
 
@@ -264,7 +268,10 @@ def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
     if backend != "torch":
         reason = _tilelang_unavailable(q, v, problem)
         if reason is None and checkpoints is not None:
-            reason = "state checkpoints are not on the kernels yet"
+            if checkpoints.buffer.dtype != q.dtype:
+                reason = "state checkpoints on the kernels are stored in q's dtype"
+            elif needs_grad:
+                reason = "state checkpoints on the kernels take no gradients"
         if reason is None:
             plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, sm_count(q.device),
                                 context_parallel)

@@ -74,6 +74,40 @@ class Checkpoints:
         self.buffer.copy_(picked)
 
 
+    def store_entering(self, entering: torch.Tensor, final: torch.Tensor, seq_lens: tuple[int, ...],
+                       state_v_first: bool) -> None:
+        """The kernels' form: ``entering`` [chunks, HV, V, K], the state entering every chunk of every
+        sequence in order (V-major, as ``chunk_recurrence[save_states]`` writes it), and ``final``, the
+        final states (the call's layout). A checkpoint after token (j + 1) N is the state entering that
+        chunk, or the final state where the sequence ends there."""
+        rows_c, chunks, rows_f, seqs = _entering_rows(tuple(seq_lens), self.every, entering.device)
+        if rows_c.numel():
+            picked = entering[chunks]
+            self.buffer[rows_c] = (picked if state_v_first else picked.transpose(-1, -2)).to(self.buffer.dtype)
+        if rows_f.numel():
+            self.buffer[rows_f] = final[seqs].to(self.buffer.dtype)
+
+
+@lru_cache(maxsize=64)
+def _entering_rows(seq_lens: tuple[int, ...], every: int, device: torch.device):
+    """(buffer rows, chunk indices) of the checkpoints inside their sequence and (buffer rows, sequences)
+    of those at its end."""
+    rows_c, chunks, rows_f, seqs = [], [], [], []
+    row, first_chunk = 0, 0
+    for n, L in enumerate(seq_lens):
+        for j in range(L // every):
+            t = (j + 1) * every
+            if t < L:
+                rows_c.append(row)
+                chunks.append(first_chunk + t // CHUNK)
+            else:
+                rows_f.append(row)
+                seqs.append(n)
+            row += 1
+        first_chunk += -(-L // CHUNK)
+    return tuple(host_table(x, torch.long, device) for x in (rows_c, chunks, rows_f, seqs))
+
+
 @lru_cache(maxsize=64)
 def _where(seq_lens: tuple[int, ...], every: int, device: torch.device):
     """(sequence, chunk) of every checkpoint row, in row order: chunk ``(j + 1) every / 64 - 1``."""

@@ -129,7 +129,11 @@ def _tables(seq_lens: tuple[int, ...], stride: int | None, device: torch.device)
 
 
 def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,
-                   use_qk_l2norm_in_kernel: bool, cu_seqlens, seq_lens, state_v_first: bool, v_tile: int = 128):
+                   use_qk_l2norm_in_kernel: bool, cu_seqlens, seq_lens, state_v_first: bool, v_tile: int = 128,
+                   checkpoints=None):
+    """``checkpoints``: a ``checkpoints.Checkpoints`` of q's dtype to fill too, from a state-only walk
+    that stores the state entering every chunk (the backward's recompute: those states are q's dtype,
+    each rounded once from fp32, which is what such a buffer holds)."""
     B, Tn, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     assert supports(K, V) and v_tile in V_TILES
@@ -142,19 +146,29 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
     h0 = None
     if initial_state is not None:
         h0 = flat(initial_state, N, HV, K * V, dtype=torch.float32)
-    ht = torch.empty(N, HV, K * V, dtype=torch.float32, device=dev) if output_final_state else None
+    keep_final = output_final_state or checkpoints is not None
+    ht = torch.empty(N, HV, K * V, dtype=torch.float32, device=dev) if keep_final else None
     if tokens == 0 or sum(seq_lens) == 0:
         if ht is not None:
             ht.copy_(h0) if h0 is not None else ht.zero_()
-        return o, _final(ht, N, HV, K, V, state_v_first)
+        return o, _final(ht if output_final_state else None, N, HV, K, V, state_v_first)
 
     ready(DTYPES[q.dtype])
-    seqs, chunks = _tables(seq_lens, Tn if cu_seqlens is None else None, dev)
+    stride = Tn if cu_seqlens is None else None
+    seqs, chunks = _tables(seq_lens, stride, dev)
     rows = (flat(q, tokens, H, K), flat(k, tokens, H, K), flat(v, tokens, HV, V))
     with on_device(dev):
         ag, coef, _ = prepare(*rows[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
         recur(*rows, ag, coef, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
-    return o, _final(ht, N, HV, K, V, state_v_first)
+        if checkpoints is not None:
+            from .backward import _walk_table
+            entering = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev)
+            none = unused_rows(HV, K * V, torch.float32, dev)
+            entry(recurrence_kernel(DTYPES[q.dtype], 128, save_states=True))(
+                *rows, ag, coef, _walk_table(seq_lens, stride, dev), h0 if h0 is not None else none, rows[2], none,
+                entering, int(h0 is not None), 0, int(bool(state_v_first)))
+            checkpoints.store_entering(entering, _final(ht, N, HV, K, V, state_v_first), seq_lens, state_v_first)
+    return o, _final(ht if output_final_state else None, N, HV, K, V, state_v_first)
 
 
 def flat(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -145,7 +145,7 @@ def run(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2nor
         from .hopper.forward import hopper_forward
         if route.plan.context_parallel:
             launch = _with_backward(hopper_cp_forward, route.needs_grad, problem, cu_seqlens, state_v_first,
-                                    backward_plan(route.plan, context_parallel))
+                                    route.backward_plan)
             return launch(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan)
         if checkpoints is not None:                  # serving calls: no gradients (see _decide)
             return hopper_forward(*args, cu_seqlens, problem.seq_lens, state_v_first, route.plan.v_tile,
@@ -189,11 +189,11 @@ class Route:
     plan: Plan | None          # kernels: always; torch path: a CP plan when one was asked for
     needs_grad: bool
     reason: str = ""           # why the PyTorch path
-    split_backward: bool = False   # kernels: the backward walks the forward's segments
+    backward_plan: Plan | None = None   # kernels: the segments the backward walks, None = unsplit
 
     def __str__(self):
         if self.kernels:
-            backward = "; TileLang backward" + (", context parallel" if self.split_backward else "")
+            backward = "; TileLang backward" + (", context parallel" if self.backward_plan else "")
             return "tilelang, " + _describe_plan(self.plan) + (backward if self.needs_grad else "")
         return (f"torch ({self.reason})" + (", " + _describe_plan(self.plan) if self.plan else "")
                 + ("; autograd" if self.needs_grad else ""))
@@ -275,8 +275,7 @@ def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
         if reason is None:
             plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, sm_count(q.device),
                                 context_parallel)
-            split = backward_plan(plan, context_parallel) is not None
-            return problem, Route(True, plan, needs_grad, split_backward=split)
+            return problem, Route(True, plan, needs_grad, backward_plan=backward_plan(plan, context_parallel))
         if backend == "tilelang":
             raise RuntimeError(f"backend='tilelang' cannot run this call: {reason}")
     plan = None
@@ -299,8 +298,7 @@ def kernel_backward(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_ker
         return None
     scale = problem.k_dim ** -0.5 if scale is None else float(scale)
     return _kernel_gradients(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_kernel, cu_seqlens,
-                             problem.seq_lens, state_v_first, do, dfinal, True, backward_plan(route.plan,
-                                                                                              context_parallel))
+                             problem.seq_lens, state_v_first, do, dfinal, True, route.backward_plan)
 
 
 def _kernel_gradients(q, k, v, g, beta, scale, initial_state, l2norm, cu_seqlens, seq_lens, state_v_first, do,

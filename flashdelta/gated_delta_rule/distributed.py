@@ -153,9 +153,12 @@ def cp_forward(q, k, v, g, beta, cu_seqlens, state_v_first: bool, cp_context, op
     if q.shape[0] != 1:
         raise ValueError(f"`q`: under cp_context the local tokens are packed, expected B = 1, got B={q.shape[0]}")
     chain = chain_of(cp_context, q.shape[1], rank, world)
-    if cu_seqlens is not None and tuple(int(x) for x in cu_seqlens.tolist()) != chain.local_cu_seqlens:
+    # the local boundaries come from the context; a given cu_seqlens is compared with them where that costs
+    # no device read (on the host), and by its length elsewhere
+    if cu_seqlens is not None and (len(cu_seqlens) != len(chain.local_cu_seqlens) or (
+            not cu_seqlens.is_cuda and tuple(cu_seqlens.tolist()) != chain.local_cu_seqlens)):
         raise ValueError(f"`cu_seqlens`: under cp_context, expected the local boundaries "
-                         f"{list(chain.local_cu_seqlens)[:8]}, got {cu_seqlens.tolist()[:8]}")
+                         f"{list(chain.local_cu_seqlens)[:8]}, got {len(cu_seqlens)} offsets")
     HV, K, V = v.shape[2], q.shape[3], v.shape[3]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     cu = chain.local_cu_seqlens

@@ -64,9 +64,8 @@ def fused_recurrent_gated_delta_rule(q, k, v, g=None, gk=None, gv=None, beta=Non
     cu_seqlens_cpu = kwargs.pop("cu_seqlens_cpu", None)
     # the activations stay with the raw gates until the path is known: the decode kernel applies them itself
     activation = Activation.of(g, use_gate_in_kernel, A_log, dt_bias, use_beta_sigmoid_in_kernel, allow_neg_eigval)
-    if kwargs.get("cp_context") is not None:
+    if kwargs.pop("cp_context", None) is not None:
         raise NotImplementedError("`cp_context`: use chunk_gated_delta_rule for context parallelism across ranks")
-    kwargs.pop("cp_context", None)
     _, _, state_v_first, context_parallel = _fla_options(g, beta, state_v_first, context_parallel,
                                                          use_qk_l2norm_in_kernel, **kwargs)
     if state_indices is not None:

@@ -34,14 +34,10 @@ def pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_token
     check_pool(pool, state_indices, problem.num_seqs, problem.v_heads, problem.k_dim, problem.v_dim, state_v_first,
                q.device, steps=max(problem.seq_lens, default=0) if decode else None)
     per_step = state_indices.dim() == 2
-    if per_step and state_indices.shape[1] < max(problem.seq_lens, default=0):
-        raise ValueError(f"`state_indices`: expected one slot per token, at least {max(problem.seq_lens)} columns, "
-                         f"got shape {tuple(state_indices.shape)}")
     _check_accepted(num_accepted_tokens, state_indices, problem.num_seqs)
     check_slots(state_indices, pool.shape[0], problem.seq_lens if per_step else None, num_accepted_tokens)
     scale = problem.k_dim ** -0.5 if scale is None else float(scale)
 
-    dtype = compute_dtype(q, k, v)
     first = state_indices
     if per_step:
         column = (num_accepted_tokens.long() - 1 if num_accepted_tokens is not None
@@ -58,7 +54,7 @@ def pooled_call(q, k, v, g, beta, scale, pool, state_indices, num_accepted_token
         return token_steps(q, k, v, g, beta, scale, pool, first, state_indices if per_step else None,
                            use_qk_l2norm_in_kernel, problem, cu_seqlens is None, state_v_first)
     # the states stay in the pool's layout throughout: the op takes either (state_v_first)
-    h0 = read_states(pool, first, False, dtype)
+    h0 = read_states(pool, first, False, compute_dtype(q, k, v))
     o, final = run(q, k, v, g, beta, scale, h0, True, use_qk_l2norm_in_kernel, cu_seqlens, state_v_first, backend,
                    context_parallel, cu_seqlens_cpu, checkpoints=checkpoints)
     write_states(pool, state_indices, final, False)
@@ -71,7 +67,9 @@ def dense_decode(q, k, v, g, beta, scale, initial_state, output_final_state: boo
     None where the kernel does not apply (gradients, longer sequences, no kernel for the call): the
     caller then runs the chunked op, which also raises on bad arguments."""
     from .planner import DECODE_MAX_TOKENS
-    if backend == "torch" or torch.compiler.is_compiling() or _grads(q, k, v, g, beta, activation, initial_state):
+    # the cheap refusals first: the chunked op validates the arguments again where this returns None
+    if backend == "torch" or not q.is_cuda or torch.compiler.is_compiling() \
+            or _grads(q, k, v, g, beta, activation, initial_state):
         return None
     problem = validate(q, k, v, g, beta, initial_state, cu_seqlens, cu_seqlens_cpu, state_v_first)
     if max(problem.seq_lens, default=0) > DECODE_MAX_TOKENS or not _decode_on_kernels(q, v, problem, None, "auto", False):

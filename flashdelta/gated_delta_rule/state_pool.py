@@ -29,8 +29,9 @@ POOL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def check_pool(pool, state_indices, num_seqs: int, HV: int, K: int, V: int, state_v_first: bool,
                device: torch.device, steps: int | None = None) -> None:
-    """Shapes, dtypes and devices of a pool and its indices; ``steps``: the second dim of 2-D
-    (per-step) indices, None where only ``[N]`` indices are allowed. Raises TypeError/ValueError."""
+    """Shapes, dtypes and devices of a pool and its indices; ``steps``: the most tokens of a sequence,
+    where 2-D (per-step) indices are allowed (they need a column per token), else None. Raises
+    TypeError/ValueError."""
     if not isinstance(pool, torch.Tensor):
         raise TypeError(f"`initial_state`: with `state_indices`, expected the state pool (a torch.Tensor), "
                         f"got {type(pool).__name__}")
@@ -57,6 +58,9 @@ def check_pool(pool, state_indices, num_seqs: int, HV: int, K: int, V: int, stat
         and state_indices.shape[0] == num_seqs
     if not ok:
         raise ValueError(f"`state_indices`: expected shape {shapes}, got {tuple(state_indices.shape)}")
+    if state_indices.dim() == 2 and state_indices.shape[1] < steps:
+        raise ValueError(f"`state_indices`: expected one slot per token, at least {steps} columns, "
+                         f"got shape {tuple(state_indices.shape)}")
 
 
 # Checked values are cached per index tensor and version, as sequence lengths are (``inputs``).

@@ -190,8 +190,8 @@ def backward_parts(lens, H, HV, varlen):
     dstates, dv = torch.empty_like(states), torch.empty_like(vf)
     h0, dhtf = s0.view(len(lens), HV, -1), dht.view(len(lens), HV, -1)
     dh0 = torch.empty_like(h0)
-    grads = [torch.empty(tok, HV, 128, device=dev) for _ in range(2)] + [torch.empty(tok, HV, device=dev)
-                                                                         for _ in range(2)]
+    grads = [torch.empty(tok, H, 128, device=dev) for _ in range(2)] + [torch.empty(tok, HV, device=dev)
+                                                                        for _ in range(2)]
     none = hopper.unused_rows(HV, 128 * 128, torch.float32, dev)
     parts = {
         "bwd prepare (+A0g)": lambda: hopper.prepare(qf, kf, g, beta, chunks, HV, scale, False, a0g=a0g),

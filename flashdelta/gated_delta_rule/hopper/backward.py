@@ -5,9 +5,9 @@ The forward saves only its inputs; the backward recomputes what it needs, stage 
 1. ``chunk_matrices`` again, now also writing the gated inverse ``A0g`` (and beta in the row factors);
 2. ``chunk_recurrence`` (``save_states``): the state entering every chunk, q's dtype;
 3. ``state_gradient``: chunks last to first, the state's gradient leaving every chunk, dv and dh0;
-4. ``chunk_gradients``: every chunk at once, dq and dk per value head, dbeta and dg;
-5. on the host side of the kernels, in torch: the sum of dq / dk over a GVA group and the l2-norm's
-   backward.
+4. ``chunk_gradients``: every chunk at once, dq and dk per q/k head (its GVA group summed in the
+   kernel), dbeta and dg per value head;
+5. on the host side of the kernels, in torch: the l2-norm's backward and the casts.
 
 So the memory the backward holds beyond the gradients is the forward's per-chunk operators (as the
 forward's) and two per-chunk states in q's dtype (32 KB each per chunk and value head, as FLA's h and
@@ -69,16 +69,13 @@ def hopper_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm
     store_dh0 = initial_state is not None and needs_dh0
     dh0 = torch.empty(N, HV, K * V, dtype=torch.float32, device=dev) if store_dh0 else None
     dv = torch.empty(tokens, HV, V, dtype=q.dtype, device=dev)
-    dq_heads = torch.empty(tokens, HV, K, dtype=torch.float32, device=dev)
-    dk_heads = torch.empty(tokens, HV, K, dtype=torch.float32, device=dev)
-    dg = torch.empty(tokens, HV, dtype=torch.float32, device=dev)
-    dbeta = torch.empty(tokens, HV, dtype=torch.float32, device=dev)
     if dht is not None:
         dht = flat(dht, N, HV, K * V, dtype=torch.float32)
 
     if tokens == 0 or sum(seq_lens) == 0:
-        for x in (dv, dq_heads, dk_heads, dg, dbeta):
-            x.zero_()
+        dv.zero_()
+        dq, dk = (torch.zeros(tokens, H, K, dtype=torch.float32, device=dev) for _ in range(2))
+        dg, dbeta = (torch.zeros(tokens, HV, dtype=torch.float32, device=dev) for _ in range(2))
         if dh0 is not None:
             dh0.copy_(dht) if dht is not None else dh0.zero_()
     else:
@@ -101,23 +98,32 @@ def hopper_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm
             entry(walk_kernel(DTYPES[q.dtype], walk_tile))(
                 qf, kf, dof, ag, coef, seqs, dht if dht is not None else no_state, dv,
                 dh0 if dh0 is not None else no_state, dstates, int(dht is not None), int(dh0 is not None), v_first)
-            entry(gradients_kernel(DTYPES[q.dtype]))(
-                qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, dq_heads, dk_heads, dbeta, dg, float(scale))
+            dq, dk, dbeta, dg = chunk_gradients(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, scale)
 
     if dh0 is not None:
         dh0 = dh0.view(N, HV, V, K) if state_v_first else dh0.view(N, HV, K, V)
         dh0 = dh0.to(initial_state.dtype)
-    return finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel, dq_heads, dk_heads, dv, dg, dbeta, dh0)
+    return finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel, dq, dk, dv, dg, dbeta, dh0)
 
 
-def finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel: bool, dq_heads, dk_heads, dv, dg, dbeta, dh0):
-    """The kernels' per-value-head dq / dk summed over each GVA group, through the l2-norm's backward,
-    and every gradient in its input's dtype and shape."""
+def chunk_gradients(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, scale: float):
+    """``chunk_gradients`` over every chunk: dq and dk per q/k head (summed over its GVA group, w.r.t.
+    the normalised q / k, fp32), dbeta and dg per value head (fp32)."""
+    tokens, H, K = qf.shape
+    HV = vf.shape[1]
+    dq, dk = (torch.empty(tokens, H, K, dtype=torch.float32, device=qf.device) for _ in range(2))
+    dbeta, dg = (torch.empty(tokens, HV, dtype=torch.float32, device=qf.device) for _ in range(2))
+    entry(gradients_kernel(DTYPES[qf.dtype]))(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, dq, dk, dbeta,
+                                              dg, float(scale))
+    return dq, dk, dbeta, dg
+
+
+def finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel: bool, dq, dk, dv, dg, dbeta, dh0):
+    """The kernels' dq / dk (fp32, per q/k head) through the l2-norm's backward, and every gradient in
+    its input's dtype and shape."""
     B, Tn, H, K = q.shape
-    tokens, group = B * Tn, dq_heads.shape[1] // H
-    dq, dk = (x.view(tokens, H, group, K).sum(2) if group > 1 else x.view(tokens, H, K) for x in (dq_heads, dk_heads))
     if use_qk_l2norm_in_kernel:
-        dq = l2norm_backward(q.reshape(tokens, H, K).float(), dq)
-        dk = l2norm_backward(k.reshape(tokens, H, K).float(), dk)
+        dq = l2norm_backward(q.reshape(B * Tn, H, K).float(), dq)
+        dk = l2norm_backward(k.reshape(B * Tn, H, K).float(), dk)
     return (dq.to(q.dtype).view(B, Tn, H, K), dk.to(k.dtype).view(B, Tn, H, K), dv.view(*q.shape[:2], *dv.shape[1:]),
             dg.to(g.dtype).view(g.shape), dbeta.to(beta.dtype).view(beta.shape), dh0)

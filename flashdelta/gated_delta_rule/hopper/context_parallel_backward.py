@@ -29,7 +29,7 @@ import torch
 
 from ..inputs import host_table
 from ..segments import SegmentTable
-from .backward import finish_gradients, gradients_kernel, walk_kernel
+from .backward import chunk_gradients, finish_gradients, walk_kernel
 from .context_parallel import scan_kernel, segment_windows
 from .forward import (CHUNK, DTYPES, _tables, entry, flat, on_device, prepare, ready, recurrence_kernel, unused_rows,
                       warmup)
@@ -82,10 +82,6 @@ def hopper_cp_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2n
     states = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev)
     dstates = torch.empty_like(states)
     dv = torch.empty(tokens, HV, V, dtype=q.dtype, device=dev)
-    dq_heads = torch.empty(tokens, HV, K, dtype=torch.float32, device=dev)
-    dk_heads = torch.empty_like(dq_heads)
-    dg = torch.empty(tokens, HV, dtype=torch.float32, device=dev)
-    dbeta = torch.empty_like(dg)
     none = unused_rows(HV, K * V, torch.float32, dev)
     scan = entry(scan_kernel(K))
     walk = entry(walk_kernel(DTYPES[q.dtype], walk_tile))
@@ -105,12 +101,11 @@ def hopper_cp_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2n
         scan(M.transpose(-1, -2).contiguous(), local.view(rows, HV, K, V), keep, dht_k, reverse, end_grads)
         at_start = torch.empty(rows, HV, K * V, dtype=torch.float32, device=dev)
         walk(qf, kf, dof, ag, coef, seq_rows, end_grads.view(rows, HV, K * V), dv, at_start, dstates, 1, 1, 0)
-        entry(gradients_kernel(DTYPES[q.dtype]))(
-            qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, dq_heads, dk_heads, dbeta, dg, float(scale))
+        dq, dk, dbeta, dg = chunk_gradients(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, scale)
 
     dh0 = None
     if initial_state is not None and needs_dh0:
         dh0 = at_start.view(rows, HV, K, V)[first.clamp(min=0)]
         dh0 = torch.where((first >= 0)[:, None, None, None], dh0, dht_k)      # empty sequences: dht itself
         dh0 = (dh0.transpose(-1, -2) if state_v_first else dh0).contiguous().to(initial_state.dtype)
-    return finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel, dq_heads, dk_heads, dv, dg, dbeta, dh0)
+    return finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel, dq, dk, dv, dg, dbeta, dh0)

@@ -190,15 +190,15 @@ def backward_parts(lens, H, HV, varlen):
     dstates, dv = torch.empty_like(states), torch.empty_like(vf)
     h0, dhtf = s0.view(len(lens), HV, -1), dht.view(len(lens), HV, -1)
     dh0 = torch.empty_like(h0)
-    grads = [torch.empty(tok, H, 128, device=dev) for _ in range(2)] + [torch.empty(tok, HV, device=dev)
-                                                                        for _ in range(2)]
+    grads = [torch.empty(tok, H, 128, dtype=q.dtype, device=dev) for _ in range(2)] + [
+        torch.empty(tok, HV, device=dev) for _ in range(2)]
     none = hopper.unused_rows(HV, 128 * 128, torch.float32, dev)
     parts = {
         "bwd prepare (+A0g)": lambda: hopper.prepare(qf, kf, g, beta, chunks, HV, scale, False, a0g=a0g),
         "bwd states": lambda: hopper.entry(hopper.recurrence_kernel("bfloat16", 128, save_states=True))(
             qf, kf, vf, ag, coef, seqs, h0, vf, none, states, 1, 0, 0),
         "bwd gradients": lambda: hopper.entry(hb.gradients_kernel("bfloat16"))(
-            qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, *grads, scale),
+            qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, *grads, scale, 0),
         "bwd total": lambda: hb.hopper_backward(q, k, v, g, beta, scale, s0, False, cu, seq if varlen else None,
                                                 False, do, dht),
     }

@@ -200,9 +200,10 @@ def test_each_kernel_against_its_stage():
     dh0 = torch.full((2, HV, 128 * 128), float("nan"), device=DEV)
     hb.entry(hb.walk_kernel("bfloat16", 64))(q16, k16, do16, ag, coef, seqs, dht.to(DEV, torch.float32).view(2, HV, -1),
                                                dv, dh0, dstates, 1, 1, 0)
-    outs = [torch.full((tokens, H, 128), float("nan"), device=DEV) for _ in range(2)]
+    outs = [torch.full((tokens, H, 128), float("nan"), dtype=dtype, device=DEV) for _ in range(2)]
     outs += [torch.full((tokens, HV), float("nan"), device=DEV) for _ in range(2)]
-    hb.entry(hb.gradients_kernel("bfloat16"))(q16, k16, v16, do16, dv, a0g, coef, chunks, states, dstates, *outs, 0.1)
+    hb.entry(hb.gradients_kernel("bfloat16"))(q16, k16, v16, do16, dv, a0g, coef, chunks, states, dstates, *outs, 0.1,
+                                              0)
 
     # the stages in float64 on the same (bf16-rounded) inputs
     layout = ChunkLayout.build(lens, None, torch.device(DEV))

@@ -39,13 +39,15 @@ def kernels(monkeypatch):
     monkeypatch.setattr(api, "sm_count", lambda device: 132)
     monkeypatch.setattr(hopper_fwd, "hopper_forward",
                         lambda *a, checkpoints=None: fake_forward(*a[:-1], v_tile=a[-1], checkpoints=checkpoints))
-    def fake_backward(q, k, v, g, beta, scale, h0, l2, cu, seq_lens, v_first, do, dht, needs_dh0=True):
-        calls.append(("backward",))
+    def fake_backward(q, k, v, g, beta, scale, h0, l2, cu, seq_lens, v_first, do, dht, needs_dh0=True, walk_tile=None,
+                      state_tile=None):
+        calls.append(("backward", state_tile, walk_tile))
         problem = Problem(q.shape[0], q.shape[1], q.shape[2], v.shape[2], q.shape[3], v.shape[3], tuple(seq_lens))
         return chunked_backward(q, k, v, g, beta, scale, h0, l2, problem, cu is None, v_first, do, dht)
 
-    def fake_cp_backward(q, k, v, g, beta, scale, h0, l2, cu, seq_lens, v_first, do, dht, plan, needs_dh0=True):
-        calls.append(("cp backward", plan.segment_chunks))
+    def fake_cp_backward(q, k, v, g, beta, scale, h0, l2, cu, seq_lens, v_first, do, dht, plan, needs_dh0=True,
+                         walk_tile=None):
+        calls.append(("cp backward", plan.segment_chunks, walk_tile))
         problem = Problem(q.shape[0], q.shape[1], q.shape[2], v.shape[2], q.shape[3], v.shape[3], tuple(seq_lens))
         return chunked_backward(q, k, v, g, beta, scale, h0, l2, problem, cu is None, v_first, do, dht)
 
@@ -104,9 +106,9 @@ def test_gradients_take_the_kernel_backward(kernels, varlen, l2, v_first, final,
 
 
 @pytest.mark.parametrize("context_parallel,auto,expected", [
-    (3, False, [("cp", 3), ("cp backward", 3)]),          # asked for: the backward follows the segments
-    (None, False, [("cp", 2), ("backward",)]),            # planned, backward split not on: unsplit backward
-    (None, True, [("cp", 2), ("cp backward", 2)]),        # planned, and on in the tuning table
+    (3, False, [("cp", 3), ("cp backward", 3, 64)]),      # asked for: the backward follows the segments
+    (None, False, [("cp", 2), ("backward", 64, 64)]),     # planned, backward split not on: unsplit backward
+    (None, True, [("cp", 2), ("cp backward", 2, 64)]),    # planned, and on in the tuning table
 ])
 def test_backward_follows_the_forward_segments(kernels, monkeypatch, context_parallel, auto, expected):
     from flashdelta.gated_delta_rule import planner

@@ -136,3 +136,15 @@ def test_prep_split_follows_the_sm_count():
     assert planner.prep_heads_per_cta(128, 2, 8, 132) == 2
     assert planner.prep_heads_per_cta(128, 2, 8, 66) == 4
     assert planner.prep_heads_per_cta(128, 2, 8, 264) == 1
+
+
+def test_backward_tiles_fill_the_gpu_before_narrowing():
+    from flashdelta.gated_delta_rule.planner import backward_tiles
+    # 128 walks (4 sequences x 32 heads) fill 132 SMs at BV 128; BV 64 would take two waves
+    assert backward_tiles((8192,) * 4, 32, 128, 132) == (128, 128)
+    # 8 walks leave the GPU idle: BV 64 doubles the CTAs and shortens each step
+    assert backward_tiles((32768,), 8, 128, 132) == (64, 64)
+    # a context-parallel backward's segments count as walks
+    assert backward_tiles((2048,) * 16, 8, 128, 132) == (128, 128)
+    # a narrow V takes the narrowest tile there is
+    assert backward_tiles((700,), 2, 8, 132) == (64, 64)

@@ -12,7 +12,7 @@ from .chunked import chunked_gated_delta_rule
 from .context_parallel import TRUNCATION_TAU
 from .gates import activate, needs_activation
 from .inputs import sm_count, validate
-from .planner import Plan, backward_plan, plan_forward
+from .planner import Plan, backward_plan, backward_tiles, plan_forward
 
 logger = logging.getLogger("flashdelta")
 
@@ -303,14 +303,17 @@ def kernel_backward(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_ker
 
 def _kernel_gradients(q, k, v, g, beta, scale, initial_state, l2norm, cu_seqlens, seq_lens, state_v_first, do,
                       dfinal, needs_dh0, plan):
-    """The backward's kernels: on the plan's segments where ``plan`` is given, else unsplit."""
+    """The backward's kernels: on the plan's segments where ``plan`` is given, else unsplit; the walks'
+    V tiles from the planner."""
+    walks = seq_lens if plan is None else tuple(n for _, _, n in plan.segments)
+    state_tile, walk_tile = backward_tiles(tuple(walks), v.shape[2], v.shape[3], sm_count(q.device))
     if plan is not None:
         from .hopper.context_parallel_backward import hopper_cp_backward
         return hopper_cp_backward(q, k, v, g, beta, scale, initial_state, l2norm, cu_seqlens, seq_lens,
-                                  state_v_first, do, dfinal, plan, needs_dh0=needs_dh0)
+                                  state_v_first, do, dfinal, plan, needs_dh0=needs_dh0, walk_tile=walk_tile)
     from .hopper.backward import hopper_backward
     return hopper_backward(q, k, v, g, beta, scale, initial_state, l2norm, cu_seqlens, seq_lens, state_v_first,
-                           do, dfinal, needs_dh0=needs_dh0)
+                           do, dfinal, needs_dh0=needs_dh0, walk_tile=walk_tile, state_tile=state_tile)
 
 
 def grad_needed(*inputs) -> bool:

@@ -50,6 +50,11 @@ TUNING = {
     # Off until the GPU tests and the qwen35-bwd matrix have run it; an explicit context_parallel
     # (True or a segment length) turns it on for that call.
     "auto_backward_context_parallel": False,
+    # One chunk step of the backward's serial walks by V tile, microseconds: the state recompute
+    # (chunk_recurrence[save_states]) and the state-gradient walk (state_gradient). Their CTAs are laid
+    # out as the unsplit forward's, so ``backward_tiles`` picks each tile by the same makespan.
+    "recompute_step_us": {128: 5.3, 64: 3.4},
+    "walk_step_us": {128: 5.8, 64: 3.4},
 }
 
 # The per-chunk preparation splits a GVA group's value heads over CTAs until its grid has this many
@@ -141,6 +146,19 @@ def backward_plan(forward: Plan, context_parallel: bool | int | None) -> Plan | 
 
 
 @lru_cache(maxsize=256)
+def backward_tiles(walk_lens: tuple[int, ...], v_heads: int, v_dim: int, sm_count: int) -> tuple[int, int]:
+    """(state recompute V tile, state-gradient walk V tile) for walks over ``walk_lens`` tokens each
+    (the sequences, or a context-parallel backward's segments): the modelled fastest of each, the
+    wider tile on a tie (fewer CTAs doing the same work)."""
+    chunks = tuple(-(-n // CHUNK) for n in walk_lens)
+    tiles = [t for t in sorted(TUNING["walk_step_us"], reverse=True) if t <= max(v_dim, 64)]
+
+    def best(step_us):
+        return min(tiles, key=lambda t: makespan(chunks, v_heads * -(-v_dim // t), sm_count) * step_us[t])
+    return best(TUNING["recompute_step_us"]), best(TUNING["walk_step_us"])
+
+
+@lru_cache(maxsize=256)
 def _plan(seq_lens, v_heads, v_dim, sm_count, context_parallel, forced) -> Plan:
     if context_parallel is None and not TUNING["auto_context_parallel"]:
         context_parallel = False
@@ -168,7 +186,13 @@ def _plan(seq_lens, v_heads, v_dim, sm_count, context_parallel, forced) -> Plan:
     return Plan(v_tile, L, _segments(seq_lens, L) if L else ())
 
 
-plan_forward.cache_clear = _plan.cache_clear     # for tests and refits that change TUNING
+def clear_caches():
+    """Forget every cached plan (for tests and refits that change TUNING)."""
+    _plan.cache_clear()
+    backward_tiles.cache_clear()
+
+
+plan_forward.cache_clear = clear_caches
 
 
 def _segments(seq_lens, segment_chunks):

@@ -5,9 +5,8 @@ The forward saves only its inputs; the backward recomputes what it needs, stage 
 1. ``chunk_matrices`` again, now also writing the gated inverse ``A0g`` (and beta in the row factors);
 2. ``chunk_recurrence`` (``save_states``): the state entering every chunk, q's dtype;
 3. ``state_gradient``: chunks last to first, the state's gradient leaving every chunk, dv and dh0;
-4. ``chunk_gradients``: every chunk at once, dq and dk per q/k head (its GVA group summed in the
-   kernel), dbeta and dg per value head;
-5. on the host side of the kernels, in torch: the l2-norm's backward and the casts.
+4. ``chunk_gradients``: every chunk at once, dq and dk per q/k head (its GVA group summed and the
+   l2-norm's backward applied in the kernel), dbeta and dg per value head.
 
 So the memory the backward holds beyond the gradients is the forward's per-chunk operators (as the
 forward's) and two per-chunk states in q's dtype (32 KB each per chunk and value head, as FLA's h and
@@ -17,7 +16,6 @@ import functools
 
 import torch
 
-from ..chunked_backward import l2norm_backward
 from ..inputs import host_table, sequence_starts
 from .chunk_gradients import chunk_gradients_kernel
 from .chunk_matrices import CHUNK
@@ -58,9 +56,12 @@ def _walk_table(seq_lens: tuple[int, ...], stride: int | None, device: torch.dev
 
 
 def hopper_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm_in_kernel: bool, cu_seqlens,
-                    seq_lens, state_v_first: bool, do, dht, needs_dh0: bool = True, walk_tile: int = 64):
+                    seq_lens, state_v_first: bool, do, dht, needs_dh0: bool = True, walk_tile: int = 64,
+                    state_tile: int = 128):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) of ``hopper_forward``'s call; dh0 is None without an
-    initial state (or when ``needs_dh0`` is False). ``dht``: the final state's gradient, or None."""
+    initial state (or when ``needs_dh0`` is False). ``dht``: the final state's gradient, or None.
+    ``walk_tile`` / ``state_tile``: V columns per CTA of the state-gradient walk / the state recompute
+    (``planner.backward_tiles``)."""
     B, Tn, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     seq_lens = tuple(seq_lens) if seq_lens is not None else (Tn,) * B
@@ -74,7 +75,7 @@ def hopper_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm
 
     if tokens == 0 or sum(seq_lens) == 0:
         dv.zero_()
-        dq, dk = (torch.zeros(tokens, H, K, dtype=torch.float32, device=dev) for _ in range(2))
+        dq, dk = (torch.zeros(tokens, H, K, dtype=q.dtype, device=dev) for _ in range(2))
         dg, dbeta = (torch.zeros(tokens, HV, dtype=torch.float32, device=dev) for _ in range(2))
         if dh0 is not None:
             dh0.copy_(dht) if dht is not None else dh0.zero_()
@@ -92,38 +93,35 @@ def hopper_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm
         v_first = int(bool(state_v_first))
         with on_device(dev):
             ag, coef, _ = prepare(qf, kf, g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel, a0g=a0g)
-            entry(recurrence_kernel(DTYPES[q.dtype], 128, save_states=True))(
+            entry(recurrence_kernel(DTYPES[q.dtype], state_tile, save_states=True))(
                 qf, kf, vf, ag, coef, seqs, h0 if h0 is not None else no_state, vf, no_state, states,
                 int(h0 is not None), 0, v_first)
             entry(walk_kernel(DTYPES[q.dtype], walk_tile))(
                 qf, kf, dof, ag, coef, seqs, dht if dht is not None else no_state, dv,
                 dh0 if dh0 is not None else no_state, dstates, int(dht is not None), int(dh0 is not None), v_first)
-            dq, dk, dbeta, dg = chunk_gradients(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, scale)
+            dq, dk, dbeta, dg = chunk_gradients(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, scale,
+                                                 use_qk_l2norm_in_kernel)
 
     if dh0 is not None:
         dh0 = dh0.view(N, HV, V, K) if state_v_first else dh0.view(N, HV, K, V)
         dh0 = dh0.to(initial_state.dtype)
-    return finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel, dq, dk, dv, dg, dbeta, dh0)
+    return finish_gradients(q, k, g, beta, dq, dk, dv, dg, dbeta, dh0)
 
 
-def chunk_gradients(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, scale: float):
-    """``chunk_gradients`` over every chunk: dq and dk per q/k head (summed over its GVA group, w.r.t.
-    the normalised q / k, fp32), dbeta and dg per value head (fp32)."""
+def chunk_gradients(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, scale: float, l2norm: bool):
+    """``chunk_gradients`` over every chunk: dq and dk per q/k head (summed over its GVA group, through
+    the l2-norm's backward where ``l2norm``, q's dtype), dbeta and dg per value head (fp32)."""
     tokens, H, K = qf.shape
     HV = vf.shape[1]
-    dq, dk = (torch.empty(tokens, H, K, dtype=torch.float32, device=qf.device) for _ in range(2))
+    dq, dk = (torch.empty(tokens, H, K, dtype=qf.dtype, device=qf.device) for _ in range(2))
     dbeta, dg = (torch.empty(tokens, HV, dtype=torch.float32, device=qf.device) for _ in range(2))
     entry(gradients_kernel(DTYPES[qf.dtype]))(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, dq, dk, dbeta,
-                                              dg, float(scale))
+                                              dg, float(scale), int(bool(l2norm)))
     return dq, dk, dbeta, dg
 
 
-def finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel: bool, dq, dk, dv, dg, dbeta, dh0):
-    """The kernels' dq / dk (fp32, per q/k head) through the l2-norm's backward, and every gradient in
-    its input's dtype and shape."""
+def finish_gradients(q, k, g, beta, dq, dk, dv, dg, dbeta, dh0):
+    """Every gradient in its input's dtype and shape."""
     B, Tn, H, K = q.shape
-    if use_qk_l2norm_in_kernel:
-        dq = l2norm_backward(q.reshape(B * Tn, H, K).float(), dq)
-        dk = l2norm_backward(k.reshape(B * Tn, H, K).float(), dk)
-    return (dq.to(q.dtype).view(B, Tn, H, K), dk.to(k.dtype).view(B, Tn, H, K), dv.view(*q.shape[:2], *dv.shape[1:]),
+    return (dq.view(B, Tn, H, K), dk.view(B, Tn, H, K), dv.view(*q.shape[:2], *dv.shape[1:]),
             dg.to(g.dtype).view(g.shape), dbeta.to(beta.dtype).view(beta.shape), dh0)

@@ -18,9 +18,12 @@ for e^-gamma_j, the state's ``b_C <dS', S>`` on the last row), reverse-summed in
 
 Rows past the chunk's end are made what the PyTorch path pads with: q, k, v, dO and dv rows zeroed,
 beta 0, gamma held at the last valid row's, A0g's rows the identity's. Then no mask is needed anywhere
-else and the kernel computes exactly the specification. dq and dk are w.r.t. the normalised q / k,
-summed over the group in registers (q and k are loaded once, dq and dk written once per q/k head:
-no per-value-head fp32 round trip, no sum on the host); the caller applies the l2-norm's backward.
+else and the kernel computes exactly the specification. dq and dk are summed over the group in
+registers (q and k are loaded once, dq and dk written once per q/k head in q's dtype: no fp32 round
+trip, no sum on the host). With the in-kernel l2-norm (``l2norm``) they go through its backward in the
+epilogue, dq = r (dq^ - q^ <q^, dq^>) with q^ = r q, from what the CTA holds: Q~ = s q^ (s = scale)
+and the row factor s r, so dq = s r (dQ~ - Q~ <Q~, dQ~> / s^2) for dQ~ the accumulated gradient of Q~
+(dq^ = s dQ~); the same for k with Kn = r_k k and r_k. s = 0 gives dq = 0, as it should.
 
 Loads are TMA, each tile group on its own mbarrier and waited for just before its first use, so the
 first value head's GEMMs start while its later tiles land. The next value head's tiles are issued as
@@ -75,11 +78,12 @@ def chunk_gradients_kernel(K: int, V: int, dtype: str, threads: int = 256):
         chunks: T.Tensor((num_chunks, 2), "int32"),        # (first token, valid rows) per chunk
         states: T.Tensor((num_chunks, v_heads, V, K), dtype),
         dstates: T.Tensor((num_chunks, v_heads, V, K), dtype),
-        dq: T.Tensor((num_tokens, qk_heads, K), ACC),
-        dk: T.Tensor((num_tokens, qk_heads, K), ACC),
+        dq: T.Tensor((num_tokens, qk_heads, K), dtype),
+        dk: T.Tensor((num_tokens, qk_heads, K), dtype),
         dbeta: T.Tensor((num_tokens, v_heads), ACC),
         dg: T.Tensor((num_tokens, v_heads), ACC),
         scale: T.float32,
+        l2norm: T.int32,
     ):
         with T.Kernel(qk_heads, num_chunks, threads=threads) as (hk, c):
             group = v_heads // qk_heads
@@ -276,9 +280,24 @@ def chunk_gradients_kernel(K: int, V: int, dtype: str, threads: int = 256):
                         dbeta[t0 + i, h] = terms[5, i] + terms[6, i]
                         dg[t0 + i, h] = terms[9, i]
 
+            # through the l2-norm's backward where it is on (module note; sq and rk are the group's; the
+            # row sums of a C x K fragment, as red[2] and red[3] were)
+            T.clear(red[2])
+            T.clear(red[3])
+            if l2norm != 0:
+                for i, j in T.Parallel(C, K):
+                    ck[i, j] = dqf[i, j] * q_s[i, j]
+                T.reduce_sum(ck, red[2], dim=1)
+                for i, j in T.Parallel(C, K):
+                    ck[i, j] = dkf[i, j] * k_s[i, j]
+                T.reduce_sum(ck, red[3], dim=1)
+            last = (group - 1) % 2
+            inv = T.if_then_else(scale != 0.0, 1.0 / scale, 0.0)
             for i, j in T.Parallel(C, K):
                 if i < n:
-                    dq[t0 + i, hk, j] = dqf[i, j] * scale
-                    dk[t0 + i, hk, j] = dkf[i, j]
+                    dq[t0 + i, hk, j] = T.if_then_else(
+                        l2norm != 0, cf_s[last, i, 5] * (dqf[i, j] - q_s[i, j] * red[2][i] * inv * inv), dqf[i, j] * scale)
+                    dk[t0 + i, hk, j] = T.if_then_else(
+                        l2norm != 0, cf_s[last, i, 6] * (dkf[i, j] - k_s[i, j] * red[3][i]), dkf[i, j])
 
     return chunk_gradients

@@ -101,11 +101,12 @@ def hopper_cp_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2n
         scan(M.transpose(-1, -2).contiguous(), local.view(rows, HV, K, V), keep, dht_k, reverse, end_grads)
         at_start = torch.empty(rows, HV, K * V, dtype=torch.float32, device=dev)
         walk(qf, kf, dof, ag, coef, seq_rows, end_grads.view(rows, HV, K * V), dv, at_start, dstates, 1, 1, 0)
-        dq, dk, dbeta, dg = chunk_gradients(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, scale)
+        dq, dk, dbeta, dg = chunk_gradients(qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, scale,
+                                             use_qk_l2norm_in_kernel)
 
     dh0 = None
     if initial_state is not None and needs_dh0:
         dh0 = at_start.view(rows, HV, K, V)[first.clamp(min=0)]
         dh0 = torch.where((first >= 0)[:, None, None, None], dh0, dht_k)      # empty sequences: dht itself
         dh0 = (dh0.transpose(-1, -2) if state_v_first else dh0).contiguous().to(initial_state.dtype)
-    return finish_gradients(q, k, g, beta, use_qk_l2norm_in_kernel, dq, dk, dv, dg, dbeta, dh0)
+    return finish_gradients(q, k, g, beta, dq, dk, dv, dg, dbeta, dh0)

@@ -3,8 +3,9 @@
     python scripts/tune_backward.py [--out DIR]
 
 Per shape, CUDA-graph ms of the whole kernel backward (``hopper_backward`` / ``hopper_cp_backward``):
-unsplit with every (state recompute V tile, state-gradient walk V tile), and context parallel on the
-forward planner's segments and on forced segment lengths. Writes ``tune_backward.json`` under DIR.
+unsplit with every (state recompute V tile, state-gradient walk V tile) and from the states the forward
+stored, context parallel on the forward planner's segments and on forced segment lengths; and the
+forward alone, with and without storing its states. Writes ``tune_backward.json`` under DIR.
 """
 import argparse
 import json
@@ -19,6 +20,7 @@ from flashdelta.bench import timing  # noqa: E402
 from flashdelta.bench.configs import Config  # noqa: E402
 from flashdelta.bench.inputs import make_inputs  # noqa: E402
 from flashdelta.gated_delta_rule.hopper import backward as hb  # noqa: E402
+from flashdelta.gated_delta_rule.hopper import context_parallel as hcp, forward as hf  # noqa: E402
 from flashdelta.gated_delta_rule.hopper.context_parallel_backward import hopper_cp_backward  # noqa: E402
 from flashdelta.gated_delta_rule.inputs import sm_count  # noqa: E402
 from flashdelta.gated_delta_rule.planner import plan_forward  # noqa: E402
@@ -49,6 +51,15 @@ def main():
         for st in TILES:
             for wt in TILES:
                 row[f"unsplit S{st} W{wt}"] = ms(lambda: hb.hopper_backward(*common, walk_tile=wt, state_tile=st))
+        plan = plan_forward(tuple(lens), HV, 128, sms)
+        fwd_args = (x.q, x.k, x.v, x.g, x.beta, 128 ** -0.5, x.h0, True, False, x.cu_seqlens, seq, False)
+        forward = (lambda **kw: hcp.hopper_cp_forward(*fwd_args, plan, **kw)) if plan.context_parallel else \
+            (lambda **kw: hf.hopper_forward(*fwd_args, v_tile=plan.v_tile, **kw))
+        row["fwd"] = ms(forward)
+        row["fwd storing states"] = ms(lambda: forward(save_states=True))
+        states = forward(save_states=True)[2]
+        for wt in TILES:
+            row[f"unsplit stored W{wt}"] = ms(lambda: hb.hopper_backward(*common, walk_tile=wt, states=states))
         auto = plan_forward(tuple(lens), HV, 128, sms, True)
         for name, L in (("planner", True), ("L16", 16), ("L32", 32), ("L64", 64)):
             plan = auto if L is True else plan_forward(tuple(lens), HV, 128, sms, L)
@@ -57,8 +68,10 @@ def main():
             for wt in TILES:
                 row[f"CP {name} (L={plan.segment_chunks}) W{wt}"] = ms(
                     lambda: hopper_cp_backward(*common, plan, walk_tile=wt))
+                row[f"CP {name} (L={plan.segment_chunks}) stored W{wt}"] = ms(
+                    lambda: hopper_cp_backward(*common, plan, walk_tile=wt, states=states))
         rows.append(row)
-        best = min((v, k) for k, v in row.items() if isinstance(v, float))
+        best = min((v, k) for k, v in row.items() if isinstance(v, float) and not k.startswith("fwd"))
         print(row["shape"], " ".join(f"{k}={v:.3f}" for k, v in row.items() if isinstance(v, float)),
               f"| best {best[1]} {best[0]:.3f}", flush=True)
         del x, do, dht

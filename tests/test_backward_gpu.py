@@ -237,3 +237,67 @@ def test_each_kernel_against_its_stage():
         errs[name] = rel_err(got.view(want.shape), want)
     bad = {n: e for n, e in errs.items() if not e <= 1e-2}
     assert not bad, f"errors {errs}"
+
+
+@pytest.mark.parametrize("context_parallel", [False, 4])
+def test_forward_stores_the_states_the_recompute_gives(context_parallel):
+    """The states the forward stores for its backward (``save_states``) against the backward's own
+    recompute: equal for the unsplit forward, within the truncation's error for the segmented one."""
+    _hopper()
+    from flashdelta.gated_delta_rule.hopper import backward as hb, context_parallel as hcp, forward as hf
+    from flashdelta.gated_delta_rule.planner import plan_forward
+    lens, H, HV = (700, 300), 2, 4
+    q, k, v, g, beta, s0, cu = _draw(list(lens), H, HV, varlen=True, zero_heads=1, strong_heads=1)
+    q, k, v = (x.to(DEV, torch.bfloat16) for x in (q, k, v))
+    g, beta, s0, cu = g.to(DEV, torch.float32), beta.to(DEV, torch.float32), s0.to(DEV, torch.float32), cu.to(DEV)
+    args = (q, k, v, g, beta, 0.1, s0, True, False, cu, lens, False)
+    _poison(sum(-(-n // 64) for n in lens) * HV * 128 * 128)
+    if context_parallel:
+        plan = plan_forward(lens, HV, 128, 132, context_parallel)
+        o, ht, states = hcp.hopper_cp_forward(*args, plan, save_states=True)
+        o_ref, ht_ref = hcp.hopper_cp_forward(*args, plan)
+    else:
+        o, ht, states = hf.hopper_forward(*args, save_states=True)
+        o_ref, ht_ref = hf.hopper_forward(*args)
+    assert torch.equal(o, o_ref) and torch.equal(ht, ht_ref)          # storing changes nothing else
+    tokens = sum(lens)
+    _, chunks = hf._tables(lens, None, q.device)
+    qf, kf, vf = q.view(tokens, H, 128), k.view(tokens, H, 128), v.view(tokens, HV, 128)
+    ag, coef, _ = hf.prepare(qf, kf, g, beta, chunks, HV, 0.1, False)
+    want = torch.full_like(states, float("nan"))
+    hf.entry(hf.recurrence_kernel("bfloat16", 128, save_states=True))(
+        qf, kf, vf, ag, coef, hb._walk_table(lens, None, q.device), s0.view(2, HV, -1), vf,
+        hf.unused_rows(HV, 128 * 128, torch.float32, q.device), want, 1, 0, 0)
+    err = rel_err(states, want)
+    assert err <= (1e-2 if context_parallel else 1e-6), f"stored states off the recompute by {err}"
+
+
+@pytest.mark.parametrize("lens,heads,cp", [([300, 500], (2, 4), None), ([1000, 64, 1], (1, 2), 4),
+                                           ([2048], (2, 2), None)])
+def test_backward_from_stored_states(monkeypatch, lens, heads, cp):
+    """Autograd with the forward storing its per-chunk states for the backward (no recompute)."""
+    from flashdelta.gated_delta_rule import planner
+    monkeypatch.setitem(planner.TUNING, "forward_stores_states", True)
+    _check(lens, *heads, varlen=len(lens) > 1, zero_heads=1, strong_heads=1, context_parallel=cp)
+
+
+def test_walk_and_recompute_tiles():
+    """Every (state recompute, state-gradient walk) V tile the planner may choose gives the gradients
+    of the verified pair (128, 64)."""
+    _hopper()
+    from flashdelta.gated_delta_rule.hopper import backward as hb
+    lens, H, HV = [700, 300], 2, 4
+    q, k, v, g, beta, s0, cu = _draw(lens, H, HV, varlen=True, zero_heads=1, strong_heads=1)
+    q, k, v = (x.to(DEV, torch.bfloat16) for x in (q, k, v))
+    g, beta, s0, cu = g.to(DEV, torch.float32), beta.to(DEV, torch.float32), s0.to(DEV, torch.float32), cu.to(DEV)
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    do = torch.randn(v.shape, generator=gen, device=DEV, dtype=torch.bfloat16)
+    dht = torch.randn(s0.shape, generator=gen, device=DEV)
+    args = (q, k, v, g, beta, 0.1, s0, False, cu, tuple(lens), False, do, dht)
+    want = hb.hopper_backward(*args, walk_tile=64, state_tile=128)
+    for state_tile in (128, 64):
+        for walk_tile in (128, 64):
+            _poison(sum(lens) * HV * 128 * 4)
+            got = hb.hopper_backward(*args, walk_tile=walk_tile, state_tile=state_tile)
+            errs = {n: rel_err(a, e) for n, a, e in zip(NAMES, got, want)}
+            assert all(e <= 1e-3 for e in errs.values()), f"tiles {state_tile}/{walk_tile}: {errs}"

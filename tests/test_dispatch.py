@@ -26,27 +26,29 @@ def as_torch(q, k, v, g, beta, scale, h0, final, l2, cu, seq_lens, v_first, **se
 def kernels(monkeypatch):
     calls = []
 
-    def fake_forward(*a, v_tile=128, checkpoints=None):
+    def fake_forward(*a, v_tile=128, checkpoints=None, save_states=False):
         calls.append(("unsplit", v_tile) + (("checkpoints",) if checkpoints is not None else ()))
-        return as_torch(*a, checkpoints=checkpoints)
+        out = as_torch(*a, checkpoints=checkpoints)
+        return out + (None,) if save_states else out          # no stored states: the backward recomputes
 
-    def fake_cp(*a):
+    def fake_cp(*a, save_states=False):
         *a, plan = a
         calls.append(("cp", plan.segment_chunks))
-        return as_torch(*a, segment_chunks=plan.segment_chunks)
+        out = as_torch(*a, segment_chunks=plan.segment_chunks)
+        return out + (None,) if save_states else out
 
     monkeypatch.setattr(api, "_tilelang_unavailable", lambda *a: None)
     monkeypatch.setattr(api, "sm_count", lambda device: 132)
     monkeypatch.setattr(hopper_fwd, "hopper_forward",
-                        lambda *a, checkpoints=None: fake_forward(*a[:-1], v_tile=a[-1], checkpoints=checkpoints))
+                        lambda *a, **kw: fake_forward(*a[:-1], v_tile=a[-1], **kw))
     def fake_backward(q, k, v, g, beta, scale, h0, l2, cu, seq_lens, v_first, do, dht, needs_dh0=True, walk_tile=None,
-                      state_tile=None):
+                      state_tile=None, states=None):
         calls.append(("backward", state_tile, walk_tile))
         problem = Problem(q.shape[0], q.shape[1], q.shape[2], v.shape[2], q.shape[3], v.shape[3], tuple(seq_lens))
         return chunked_backward(q, k, v, g, beta, scale, h0, l2, problem, cu is None, v_first, do, dht)
 
     def fake_cp_backward(q, k, v, g, beta, scale, h0, l2, cu, seq_lens, v_first, do, dht, plan, needs_dh0=True,
-                         walk_tile=None):
+                         walk_tile=None, states=None):
         calls.append(("cp backward", plan.segment_chunks, walk_tile))
         problem = Problem(q.shape[0], q.shape[1], q.shape[2], v.shape[2], q.shape[3], v.shape[3], tuple(seq_lens))
         return chunked_backward(q, k, v, g, beta, scale, h0, l2, problem, cu is None, v_first, do, dht)
@@ -107,7 +109,7 @@ def test_gradients_take_the_kernel_backward(kernels, varlen, l2, v_first, final,
 
 @pytest.mark.parametrize("context_parallel,auto,expected", [
     (3, False, [("cp", 3), ("cp backward", 3, 64)]),      # asked for: the backward follows the segments
-    (None, False, [("cp", 2), ("backward", 64, 64)]),     # planned, backward split not on: unsplit backward
+    (None, False, [("cp", 2), ("backward", 128, 64)]),    # planned, backward split not on: unsplit backward
     (None, True, [("cp", 2), ("cp backward", 2, 64)]),    # planned, and on in the tuning table
 ])
 def test_backward_follows_the_forward_segments(kernels, monkeypatch, context_parallel, auto, expected):
@@ -191,3 +193,30 @@ def test_checkpoints_on_the_kernel_branch(kernels, buffer_dtype, kernels_take_it
                                                      checkpoint_every=64, checkpoints=want, backend="torch")
     assert [(c[0], c[-1]) for c in kernels] == ([("unsplit", "checkpoints")] if kernels_take_it else [])
     assert torch.equal(buf, want) and torch.equal(o, o_ref)
+
+
+@pytest.mark.parametrize("stores", [False, True])
+def test_stored_states_reach_the_backward(kernels, monkeypatch, stores):
+    """With ``TUNING["forward_stores_states"]`` the forward is asked for its per-chunk states and the
+    backward gets exactly those; without, the backward gets none (and recomputes them)."""
+    from flashdelta.gated_delta_rule import planner
+    monkeypatch.setitem(planner.TUNING, "forward_stores_states", stores)
+    marker = torch.zeros(1)
+    forward, backward, seen = hopper_fwd.hopper_forward, hopper_bwd.hopper_backward, []
+
+    def storing_forward(*a, save_states=False, **kw):
+        out = forward(*a, **kw)
+        return out + (marker,) if save_states else out
+
+    def recording_backward(*a, states=None, **kw):
+        seen.append(states)
+        return backward(*a, **kw)
+
+    monkeypatch.setattr(hopper_fwd, "hopper_forward", storing_forward)
+    monkeypatch.setattr(hopper_bwd, "hopper_backward", recording_backward)
+    gen = torch.Generator().manual_seed(4)
+    leaves = [x.requires_grad_() for x in make_inputs(1, 200, 1, 2, 8, 8, generator=gen)]
+    o, s = flashdelta.chunk_gated_delta_rule(*leaves[:5], initial_state=leaves[5], output_final_state=True,
+                                             context_parallel=False)
+    ((o * o).sum() + s.sum()).backward()
+    assert len(seen) == 1 and (seen[0] is marker if stores else seen[0] is None)

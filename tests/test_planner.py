@@ -138,8 +138,12 @@ def test_prep_split_follows_the_sm_count():
     assert planner.prep_heads_per_cta(128, 2, 8, 264) == 1
 
 
-def test_backward_tiles_fill_the_gpu_before_narrowing():
+def test_backward_tiles_fill_the_gpu_before_narrowing(monkeypatch):
+    from flashdelta.gated_delta_rule import planner
     from flashdelta.gated_delta_rule.planner import backward_tiles
+    monkeypatch.setitem(planner.TUNING, "recompute_step_us", {128: 5.3, 64: 3.4})
+    monkeypatch.setitem(planner.TUNING, "walk_step_us", {128: 5.8, 64: 3.4})
+    backward_tiles.cache_clear()
     # 128 walks (4 sequences x 32 heads) fill 132 SMs at BV 128; BV 64 would take two waves
     assert backward_tiles((8192,) * 4, 32, 128, 132) == (128, 128)
     # 8 walks leave the GPU idle: BV 64 doubles the CTAs and shortens each step
@@ -148,3 +152,11 @@ def test_backward_tiles_fill_the_gpu_before_narrowing():
     assert backward_tiles((2048,) * 16, 8, 128, 132) == (128, 128)
     # a narrow V takes the narrowest tile there is
     assert backward_tiles((700,), 2, 8, 132) == (64, 64)
+    backward_tiles.cache_clear()
+
+
+def test_backward_tiles_only_from_the_table():
+    from flashdelta.gated_delta_rule.planner import TUNING, backward_tiles
+    backward_tiles.cache_clear()
+    state_tile, walk_tile = backward_tiles((8192,) * 4, 32, 128, 132)
+    assert state_tile in TUNING["recompute_step_us"] and walk_tile in TUNING["walk_step_us"]

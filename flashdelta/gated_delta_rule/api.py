@@ -12,7 +12,7 @@ from .chunked import chunked_gated_delta_rule
 from .context_parallel import TRUNCATION_TAU
 from .gates import activate, needs_activation
 from .inputs import sm_count, validate
-from .planner import Plan, backward_plan, backward_tiles, plan_forward
+from .planner import TUNING, Plan, backward_plan, backward_tiles, plan_forward
 
 logger = logging.getLogger("flashdelta")
 
@@ -302,18 +302,20 @@ def kernel_backward(q, k, v, g, beta, scale, initial_state, use_qk_l2norm_in_ker
 
 
 def _kernel_gradients(q, k, v, g, beta, scale, initial_state, l2norm, cu_seqlens, seq_lens, state_v_first, do,
-                      dfinal, needs_dh0, plan):
+                      dfinal, needs_dh0, plan, states=None):
     """The backward's kernels: on the plan's segments where ``plan`` is given, else unsplit; the walks'
-    V tiles from the planner."""
+    V tiles from the planner. ``states``: the forward's per-chunk states, or None (recomputed)."""
     walks = seq_lens if plan is None else tuple(n for _, _, n in plan.segments)
     state_tile, walk_tile = backward_tiles(tuple(walks), v.shape[2], v.shape[3], sm_count(q.device))
     if plan is not None:
         from .hopper.context_parallel_backward import hopper_cp_backward
         return hopper_cp_backward(q, k, v, g, beta, scale, initial_state, l2norm, cu_seqlens, seq_lens,
-                                  state_v_first, do, dfinal, plan, needs_dh0=needs_dh0, walk_tile=walk_tile)
+                                  state_v_first, do, dfinal, plan, needs_dh0=needs_dh0, walk_tile=walk_tile,
+                                  states=states)
     from .hopper.backward import hopper_backward
     return hopper_backward(q, k, v, g, beta, scale, initial_state, l2norm, cu_seqlens, seq_lens, state_v_first,
-                           do, dfinal, needs_dh0=needs_dh0, walk_tile=walk_tile, state_tile=state_tile)
+                           do, dfinal, needs_dh0=needs_dh0, walk_tile=walk_tile, state_tile=state_tile,
+                           states=states)
 
 
 def grad_needed(*inputs) -> bool:
@@ -354,25 +356,28 @@ def _capability(index: int):
 
 class _KernelAutograd(torch.autograd.Function):
     """The kernel path under autograd: the forward's kernels, then the backward's (``hopper.backward``).
-    Only the inputs are saved; the backward recomputes the rest."""
+    Saved: the inputs and, where ``TUNING["forward_stores_states"]``, the state entering every chunk
+    (stored by the forward as it walks, so the backward recomputes no state); the backward recomputes
+    the rest."""
 
     @staticmethod
     def forward(ctx, forward, options, q, k, v, g, beta, initial_state):
         ctx.set_materialize_grads(False)            # an unused output's gradient stays None: no zeros read
-        o, final = forward(q, k, v, g, beta, options.scale, initial_state)
-        ctx.save_for_backward(q, k, v, g, beta, initial_state)
+        o, final, *states = forward(q, k, v, g, beta, options.scale, initial_state)
+        states = states[0] if states else None
+        ctx.save_for_backward(q, k, v, g, beta, initial_state, states)
         ctx.options = options
         ctx.has_final = final is not None
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, beta, initial_state = ctx.saved_tensors
+        q, k, v, g, beta, initial_state, states = ctx.saved_tensors
         opt = ctx.options
         do = torch.zeros_like(v) if do is None else do
         grads = _kernel_gradients(q, k, v, g, beta, opt.scale, initial_state, opt.l2norm, opt.cu_seqlens,
                                   opt.seq_lens, opt.state_v_first, do, dfinal if ctx.has_final else None,
-                                  ctx.needs_input_grad[7], opt.plan)
+                                  ctx.needs_input_grad[7], opt.plan, states)
         return (None, None, *(x if needed else None for x, needed in zip(grads, ctx.needs_input_grad[2:])))
 
 
@@ -394,6 +399,7 @@ def _with_backward(kernel, needs_grad, problem, cu_seqlens, state_v_first, plan=
 
     def run(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm, *rest):
         options = _BackwardOptions(scale, l2norm, cu_seqlens, problem.seq_lens, state_v_first, plan)
-        forward = lambda *a: kernel(*a, output_final_state, l2norm, *rest)  # noqa: E731
+        store = {"save_states": True} if TUNING["forward_stores_states"] else {}
+        forward = lambda *a: kernel(*a, output_final_state, l2norm, *rest, **store)  # noqa: E731
         return _KernelAutograd.apply(forward, options, q, k, v, g, beta, initial_state)
     return run

@@ -52,9 +52,17 @@ TUNING = {
     "auto_backward_context_parallel": False,
     # One chunk step of the backward's serial walks by V tile, microseconds: the state recompute
     # (chunk_recurrence[save_states]) and the state-gradient walk (state_gradient). Their CTAs are laid
-    # out as the unsplit forward's, so ``backward_tiles`` picks each tile by the same makespan.
-    "recompute_step_us": {128: 5.3, 64: 3.4},
-    "walk_step_us": {128: 5.8, 64: 3.4},
+    # out as the unsplit forward's, so ``backward_tiles`` picks each tile by the same makespan. The
+    # H100 steps measured so far (H100-bwd-parts.txt): recompute 5.3 (BV 128), walk 5.8 / 3.4 (BV 128 /
+    # 64). Only the tiles the GPU tests have checked are listed: BV 64 for the recompute and BV 128 for
+    # the walk join once test_backward_gpu.py::test_walk_and_recompute_tiles has passed and
+    # scripts/tune_backward.py has timed them.
+    "recompute_step_us": {128: 5.3},
+    "walk_step_us": {64: 3.4},
+    # Under autograd the forward stores the state entering every chunk for its backward (no serial
+    # recompute; q's dtype, 32 KB per chunk and value head kept until the backward). Off until
+    # test_backward_gpu.py's stored-state tests have run on a GPU.
+    "forward_stores_states": False,
 }
 
 # The per-chunk preparation splits a GVA group's value heads over CTAs until its grid has this many
@@ -151,9 +159,9 @@ def backward_tiles(walk_lens: tuple[int, ...], v_heads: int, v_dim: int, sm_coun
     (the sequences, or a context-parallel backward's segments): the modelled fastest of each, the
     wider tile on a tie (fewer CTAs doing the same work)."""
     chunks = tuple(-(-n // CHUNK) for n in walk_lens)
-    tiles = [t for t in sorted(TUNING["walk_step_us"], reverse=True) if t <= max(v_dim, 64)]
 
     def best(step_us):
+        tiles = [t for t in sorted(step_us, reverse=True) if t <= max(v_dim, 64)] or [min(step_us)]
         return min(tiles, key=lambda t: makespan(chunks, v_heads * -(-v_dim // t), sm_count) * step_us[t])
     return best(TUNING["recompute_step_us"]), best(TUNING["walk_step_us"])
 

@@ -1,16 +1,19 @@
 """Hopper backward: glue between autograd and the backward's kernels (``chunked_backward`` on the device).
 
-The forward saves only its inputs; the backward recomputes what it needs, stage by stage:
+The forward saves its inputs and (``planner.TUNING["forward_stores_states"]``) the state entering
+every chunk; the backward recomputes the rest, stage by stage:
 
 1. ``chunk_matrices`` again, now also writing the gated inverse ``A0g`` (and beta in the row factors);
-2. ``chunk_recurrence`` (``save_states``): the state entering every chunk, q's dtype;
+2. ``chunk_recurrence`` (``save_states``): the state entering every chunk, q's dtype, unless the
+   forward stored them as it walked (what a call under autograd does);
 3. ``state_gradient``: chunks last to first, the state's gradient leaving every chunk, dv and dh0;
 4. ``chunk_gradients``: every chunk at once, dq and dk per q/k head (its GVA group summed and the
    l2-norm's backward applied in the kernel), dbeta and dg per value head.
 
-So the memory the backward holds beyond the gradients is the forward's per-chunk operators (as the
-forward's) and two per-chunk states in q's dtype (32 KB each per chunk and value head, as FLA's h and
-dh); nothing is kept between forward and backward but the inputs.
+So the memory kept from forward to backward is the inputs and, stored, one per-chunk state in q's
+dtype (32 KB per chunk and value head, as FLA's h), written once by the forward instead of a serial
+recompute (a whole sequence's walk, which the forward may have split into segments); the backward adds the
+per-chunk operators (as the forward's) and the per-chunk state gradients (as FLA's dh).
 """
 import functools
 
@@ -57,11 +60,12 @@ def _walk_table(seq_lens: tuple[int, ...], stride: int | None, device: torch.dev
 
 def hopper_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm_in_kernel: bool, cu_seqlens,
                     seq_lens, state_v_first: bool, do, dht, needs_dh0: bool = True, walk_tile: int = 64,
-                    state_tile: int = 128):
+                    state_tile: int = 128, states=None):
     """Gradients (dq, dk, dv, dg, dbeta, dh0) of ``hopper_forward``'s call; dh0 is None without an
     initial state (or when ``needs_dh0`` is False). ``dht``: the final state's gradient, or None.
     ``walk_tile`` / ``state_tile``: V columns per CTA of the state-gradient walk / the state recompute
-    (``planner.backward_tiles``)."""
+    (``planner.backward_tiles``). ``states``: the state entering every chunk as the forward stored it
+    (``hopper_forward(save_states=True)``), or None to recompute them."""
     B, Tn, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     seq_lens = tuple(seq_lens) if seq_lens is not None else (Tn,) * B
@@ -87,15 +91,16 @@ def hopper_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm
         qf, kf, vf, dof = flat(q, tokens, H, K), flat(k, tokens, H, K), flat(v, tokens, HV, V), flat(do, tokens, HV, V)
         h0 = None if initial_state is None else flat(initial_state, N, HV, K * V, dtype=torch.float32)
         a0g = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=dev)
-        states = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev)
-        dstates = torch.empty_like(states)
+        dstates = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev)
         no_state = unused_rows(HV, K * V, torch.float32, dev)
         v_first = int(bool(state_v_first))
         with on_device(dev):
             ag, coef, _ = prepare(qf, kf, g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel, a0g=a0g)
-            entry(recurrence_kernel(DTYPES[q.dtype], state_tile, save_states=True))(
-                qf, kf, vf, ag, coef, seqs, h0 if h0 is not None else no_state, vf, no_state, states,
-                int(h0 is not None), 0, v_first)
+            if states is None:
+                states = torch.empty_like(dstates)
+                entry(recurrence_kernel(DTYPES[q.dtype], state_tile, save_states=True))(
+                    qf, kf, vf, ag, coef, seqs, h0 if h0 is not None else no_state, vf, no_state, states,
+                    int(h0 is not None), 0, v_first)
             entry(walk_kernel(DTYPES[q.dtype], walk_tile))(
                 qf, kf, dof, ag, coef, seqs, dht if dht is not None else no_state, dv,
                 dh0 if dh0 is not None else no_state, dstates, int(dht is not None), int(dh0 is not None), v_first)

@@ -58,7 +58,7 @@ AUX_THREADS = 128                       # one warpgroup: streams the tiles and f
 
 
 def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 256, warmup: bool = False,
-                            stages: int = 3, save_states: bool = False):
+                            stages: int = 3, save_states: bool = False, output: bool = False):
     """The prim_func for head dims K, V, V tile BV and q/k/v dtype; lengths and head counts are dynamic.
 
     ``threads``: consumer threads (BV // 64 warpgroups); the CTA has ``AUX_THREADS`` more.
@@ -66,6 +66,9 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     ``stages``: buffers of the streamed tiles; chunk c + stages - 1 loads while the consumers work on c.
     ``save_states``: the backward's state recompute: state only, from h0, the state entering every chunk
     into ``states`` (q's dtype, V-major: S^T); the third column of ``seqs`` is the sequence's first chunk.
+    With ``output`` as well: the forward of a call that will be differentiated, o and the final state as
+    usual and those states besides (so its backward recomputes none); ``seqs`` has the first chunk in a
+    fourth column.
     """
     C = CHUNK
     num_tokens = T.dynamic("num_tokens")
@@ -75,8 +78,8 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
     h0_seqs = T.dynamic("h0_seqs")          # num_seqs, or 1 for the unused placeholder
     ht_seqs = T.dynamic("ht_seqs")
     state_chunks = T.dynamic("state_chunks")   # chunks of all sequences, or 1 for the unused placeholder
-    state_only = warmup or save_states
-    table = (num_seqs, v_heads, 4) if warmup else (num_seqs, 3)
+    state_only = warmup or (save_states and not output)
+    table = (num_seqs, v_heads, 4) if warmup else (num_seqs, 4) if save_states and output else (num_seqs, 3)
     halves = 2 if warmup else 1             # warm-up: R CTAs, then M CTAs
     ROWS = T.GemmWarpPolicy.FullRow         # the consumers' GEMMs: each warpgroup owns 64 of the BV rows
     readers = threads if state_only else threads + AUX_THREADS          # threads that read each stage
@@ -132,6 +135,7 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                 start = seqs[n, 0]
                 length = seqs[n, 1]
                 ht_row = seqs[n, 2]
+            first_chunk = seqs[n, 3] if save_states and output else ht_row
 
             # the stages of the streamed tiles, two buffers of P (the auxiliary warpgroup forms chunk
             # d + 1's while the consumers use chunk d's), the output tile
@@ -213,9 +217,9 @@ def chunk_recurrence_kernel(K: int, V: int, BV: int, dtype: str, threads: int = 
                     st = c % stages
                     ps = c % 2
                     rows = length - c * C                  # valid tokens of this chunk (> 64 = all)
-                    if save_states:                        # S^T entering chunk c (ht_row: the first chunk)
+                    if save_states:                        # S^T entering chunk c
                         for i, j in T.Parallel(BV, K):
-                            states[ht_row + c, h, v0 + i, j] = sa[i, j]
+                            states[first_chunk + c, h, v0 + i, j] = sa[i, j]
                     T.barrier_wait(full[st], (c // stages) % 2)
                     # (K S)^T and, off the chain, (Q S)^T: both take S^T from registers
                     T.wgmma_gemm(sa, k_s[st, :, :], acc, transpose_B=True, clear_accum=True, policy=ROWS)

@@ -43,9 +43,18 @@ def segment_windows(stats, table: SegmentTable, tau: float):
     return spans, keep
 
 
+@functools.lru_cache(maxsize=64)
+def _state_spans(plan, seq_lens: tuple[int, ...], stride: int | None, device: torch.device):
+    """The output pass's segment rows with each segment's first chunk appended (``forward._state_rows``)."""
+    table = SegmentTable.build(plan, seq_lens, stride, device)
+    return torch.cat([table.spans, table.segments[:, 2:3]], 1).contiguous()
+
+
 def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,
                       use_qk_l2norm_in_kernel: bool, cu_seqlens, seq_lens, state_v_first: bool, plan,
-                      tau: float = TRUNCATION_TAU):
+                      tau: float = TRUNCATION_TAU, save_states: bool = False):
+    """``save_states``: as ``forward.hopper_forward``'s (the output pass stores the states it enters
+    every chunk with, those the forward's output used): returns (o, final state, states)."""
     B, Tn, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     assert K == V and q.dtype in DTYPES
@@ -72,11 +81,13 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
                               table.order, starts)
         # each sequence's final state is its last segment's, written in place by the output pass
         final = torch.empty(N, HV, K, V, dtype=torch.float32, device=dev) if output_final_state else None
-        recur(qf, kf, vf, ag, coef, table.spans, starts.view(S + 1, HV, K * V), of,
-              None if final is None else final.view(N, HV, K * V), False, plan.v_tile)
+        states = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev) if save_states else None
+        recur(qf, kf, vf, ag, coef, _state_spans(plan, seq_lens, stride, dev) if save_states else table.spans,
+              starts.view(S + 1, HV, K * V), of, None if final is None else final.view(N, HV, K * V), False,
+              plan.v_tile, states)
 
-    if final is None:
-        return o, None
-    if table.empty is not None:                  # sequences with no tokens keep their h0
-        final[table.empty] = h0[table.empty]
-    return o, (final.transpose(-1, -2).contiguous() if state_v_first else final)
+    if final is not None:
+        if table.empty is not None:              # sequences with no tokens keep their h0
+            final[table.empty] = h0[table.empty]
+        final = final.transpose(-1, -2).contiguous() if state_v_first else final
+    return (o, final, states) if save_states else (o, final)

@@ -57,10 +57,11 @@ def backward_tables(plan, seq_lens: tuple[int, ...], batched_len, device: torch.
 
 def hopper_cp_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm_in_kernel: bool, cu_seqlens,
                        seq_lens, state_v_first: bool, do, dht, plan, needs_dh0: bool = True, walk_tile: int = 64,
-                       tau: float = float("inf")):
+                       tau: float = float("inf"), states=None):
     """``backward.hopper_backward`` on the plan's segments: the same gradients (dq, dk, dv, dg, dbeta,
     dh0), up to rounding (``tau`` < inf would truncate as the forward does; see the module docstring).
-    Per-(segment, head) states travel K-major, fp32."""
+    Per-(segment, head) states travel K-major, fp32. ``states``: as ``hopper_backward``'s (given, the
+    forward scan and the state recompute of step 3 are skipped)."""
     B, Tn, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     assert K == V and q.dtype in DTYPES
@@ -79,8 +80,7 @@ def hopper_cp_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2n
     h0, dht_k = k_major(initial_state), k_major(dht)
     seq_rows = table.segments[:, :3].contiguous()              # (first token, length, first chunk) per segment
     a0g = torch.empty(tokens, HV, CHUNK, dtype=q.dtype, device=dev)
-    states = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev)
-    dstates = torch.empty_like(states)
+    dstates = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev)
     dv = torch.empty(tokens, HV, V, dtype=q.dtype, device=dev)
     none = unused_rows(HV, K * V, torch.float32, dev)
     scan = entry(scan_kernel(K))
@@ -91,10 +91,12 @@ def hopper_cp_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2n
         ends = torch.empty(2 * rows, HV, K * V, dtype=torch.float32, device=dev)
         warmup(qf, kf, vf, ag, coef, spans, ends, plan.v_tile)
         M = ends[rows:].view(rows, HV, K, K)
-        starts = torch.empty(rows, HV, K, V, dtype=torch.float32, device=dev)
-        scan(M, ends[:rows].view(rows, HV, K, V), keep, h0, table.order, starts)
-        entry(recurrence_kernel(DTYPES[q.dtype], 128, save_states=True))(
-            qf, kf, vf, ag, coef, seq_rows, starts.view(rows, HV, K * V), vf, none, states, 1, 0, 0)
+        if states is None:
+            starts = torch.empty(rows, HV, K, V, dtype=torch.float32, device=dev)
+            scan(M, ends[:rows].view(rows, HV, K, V), keep, h0, table.order, starts)
+            states = torch.empty_like(dstates)
+            entry(recurrence_kernel(DTYPES[q.dtype], 128, save_states=True))(
+                qf, kf, vf, ag, coef, seq_rows, starts.view(rows, HV, K * V), vf, none, states, 1, 0, 0)
         local = torch.empty(rows, HV, K * V, dtype=torch.float32, device=dev)
         walk(qf, kf, dof, ag, coef, seq_rows, none, dv, local, dstates, 0, 1, 0)
         end_grads = torch.empty(rows, HV, K, V, dtype=torch.float32, device=dev)

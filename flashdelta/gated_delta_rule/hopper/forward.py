@@ -47,6 +47,8 @@ def variants(dtype: str | None = None):
             out.append((f"chunk_recurrence[{dt},BV={bv},warmup]", functools.partial(recurrence_kernel, dt, bv, True)))
             out.append((f"chunk_recurrence[{dt},BV={bv},states]",
                         functools.partial(recurrence_kernel, dt, bv, save_states=True)))
+            out.append((f"chunk_recurrence[{dt},BV={bv},output+states]",
+                        functools.partial(recurrence_kernel, dt, bv, save_states=True, output=True)))
     from .backward import variants as backward_variants
     from .context_parallel import scan_kernel, windows_kernel
     from .decode import variants as decode_variants
@@ -108,10 +110,10 @@ def matrices_kernel(dtype: str):
 
 
 @functools.lru_cache(maxsize=None)
-def recurrence_kernel(dtype: str, bv: int, warmup: bool = False, save_states: bool = False):
+def recurrence_kernel(dtype: str, bv: int, warmup: bool = False, save_states: bool = False, output: bool = False):
     # fast math: P's exp2 becomes one ex2.approx instruction
     return _compile(chunk_recurrence_kernel, HEAD_DIM, HEAD_DIM, bv, dtype, threads=256 if bv == 128 else 128,
-                    warmup=warmup, save_states=save_states, fast_math=True)
+                    warmup=warmup, save_states=save_states, output=output, fast_math=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -128,12 +130,26 @@ def _tables(seq_lens: tuple[int, ...], stride: int | None, device: torch.device)
             host_table(chunks, torch.int32, device).reshape(-1, 2))
 
 
+@functools.lru_cache(maxsize=256)
+def _state_rows(seq_lens: tuple[int, ...], stride: int | None, device: torch.device):
+    """(first token, length, final-state row, first chunk) per sequence: the table of the recurrence
+    that also stores the state entering every chunk."""
+    starts = sequence_starts(seq_lens, stride)
+    rows, first = [], 0
+    for n, (s, L) in enumerate(zip(starts, seq_lens)):
+        rows += [s, L, n, first]
+        first += -(-L // CHUNK)
+    return host_table(rows, torch.int32, device).reshape(-1, 4)
+
+
 def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_state: bool,
                    use_qk_l2norm_in_kernel: bool, cu_seqlens, seq_lens, state_v_first: bool, v_tile: int = 128,
-                   checkpoints=None):
+                   checkpoints=None, save_states: bool = False):
     """``checkpoints``: a ``checkpoints.Checkpoints`` of q's dtype to fill too, from a state-only walk
     that stores the state entering every chunk (the backward's recompute: those states are q's dtype,
-    each rounded once from fp32, which is what such a buffer holds)."""
+    each rounded once from fp32, which is what such a buffer holds). ``save_states``: also return the
+    state entering every chunk ([chunks, HV, V, K], q's dtype), stored by the recurrence as it walks,
+    for a backward that then recomputes none: (o, final state, states)."""
     B, Tn, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     assert supports(K, V) and v_tile in V_TILES
@@ -151,15 +167,18 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
     if tokens == 0 or sum(seq_lens) == 0:
         if ht is not None:
             ht.copy_(h0) if h0 is not None else ht.zero_()
-        return o, _final(ht if output_final_state else None, N, HV, K, V, state_v_first)
+        out = o, _final(ht if output_final_state else None, N, HV, K, V, state_v_first)
+        return out + (None,) if save_states else out
 
     ready(DTYPES[q.dtype])
     stride = Tn if cu_seqlens is None else None
     seqs, chunks = _tables(seq_lens, stride, dev)
     rows = (flat(q, tokens, H, K), flat(k, tokens, H, K), flat(v, tokens, HV, V))
+    states = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev) if save_states else None
     with on_device(dev):
         ag, coef, _ = prepare(*rows[:2], g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel)
-        recur(*rows, ag, coef, seqs, h0, o.view(tokens, HV, V), ht, state_v_first, v_tile)
+        recur(*rows, ag, coef, _state_rows(seq_lens, stride, dev) if save_states else seqs, h0,
+              o.view(tokens, HV, V), ht, state_v_first, v_tile, states)
         if checkpoints is not None:
             from .backward import _walk_table
             entering = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev)
@@ -168,7 +187,8 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
                 *rows, ag, coef, _walk_table(seq_lens, stride, dev), h0 if h0 is not None else none, rows[2], none,
                 entering, int(h0 is not None), 0, int(bool(state_v_first)))
             checkpoints.store_entering(entering, _final(ht, N, HV, K, V, state_v_first), seq_lens, state_v_first)
-    return o, _final(ht if output_final_state else None, N, HV, K, V, state_v_first)
+    out = o, _final(ht if output_final_state else None, N, HV, K, V, state_v_first)
+    return out + (states,) if save_states else out
 
 
 def flat(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -209,17 +229,20 @@ def prepare(q, k, g, beta, chunks, HV: int, scale: float, l2norm: bool, heads_pe
     return ag, coef, stats
 
 
-def recur(q, k, v, ag, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int):
+def recur(q, k, v, ag, coef, seqs, h0, o, ht, state_v_first: bool, v_tile: int, states=None):
     """Kernel 2 on flat inputs: writes o [tokens, HV, V] and, if given, the final states into the rows of
-    ht [rows, HV, K * V] that ``seqs``' third column names (-1: not stored)."""
+    ht [rows, HV, K * V] that ``seqs``' third column names (-1: not stored). ``states``: where given
+    ([chunks, HV, V, K]), the state entering every chunk too, from the chunk that ``seqs``' fourth
+    column names on."""
     HV, K, V = v.shape[1], q.shape[2], v.shape[2]
     placeholder = unused_rows(HV, K * V, torch.float32, q.device) if h0 is None or ht is None else None
-    kernel = entry(recurrence_kernel(DTYPES[q.dtype], v_tile))
+    kernel = entry(recurrence_kernel(DTYPES[q.dtype], v_tile) if states is None else
+                   recurrence_kernel(DTYPES[q.dtype], v_tile, save_states=True, output=True))
     flags = (int(h0 is not None), int(ht is not None), int(bool(state_v_first)))
-    no_states = unused_states(HV, K, V, q.dtype, q.device)
+    states = unused_states(HV, K, V, q.dtype, q.device) if states is None else states
     for s in range(0, seqs.shape[0], MAX_GRID_Z):        # the grid's z extent is at most 65535
         kernel(q, k, v, ag, coef, _grid_rows(seqs, s), _grid_rows(h0, s) if h0 is not None else placeholder, o,
-               ht if ht is not None else placeholder, no_states, *flags)
+               ht if ht is not None else placeholder, states, *flags)
 
 
 @functools.lru_cache(maxsize=64)

@@ -19,11 +19,11 @@ import functools
 
 import torch
 
-from ..inputs import host_table, sequence_starts
+from ..inputs import host_table
 from .chunk_gradients import chunk_gradients_kernel
 from .chunk_matrices import CHUNK
 from .forward import (DTYPES, HEAD_DIM, MAX_GRID_Z, _compile, _tables, entry, flat, on_device, prepare, ready,
-                      recurrence_kernel, unused_rows, unused_states)
+                      recurrence_kernel, sequence_rows, unused_rows)
 from .state_gradient import state_gradient_kernel
 
 WALK_V_TILES = (64, 128)             # state_gradient variants: V columns per CTA
@@ -50,11 +50,7 @@ def walk_kernel(dtype: str, bv: int):
 @functools.lru_cache(maxsize=256)
 def _walk_table(seq_lens: tuple[int, ...], stride: int | None, device: torch.device):
     """(first token, length, first chunk) per sequence: the recompute's and the walk's table."""
-    starts = sequence_starts(seq_lens, stride)
-    rows, first = [], 0
-    for s, L in zip(starts, seq_lens):
-        rows += [s, L, first]
-        first += -(-L // CHUNK)
+    rows = [x for row in sequence_rows(seq_lens, stride) for x in row]
     return host_table(rows, torch.int32, device).reshape(-1, 3)
 
 

@@ -130,15 +130,20 @@ def _tables(seq_lens: tuple[int, ...], stride: int | None, device: torch.device)
             host_table(chunks, torch.int32, device).reshape(-1, 2))
 
 
+def sequence_rows(seq_lens: tuple[int, ...], stride: int | None) -> list[tuple[int, int, int]]:
+    """(first token, length, first chunk) per sequence, on the host."""
+    rows, first = [], 0
+    for s, L in zip(sequence_starts(seq_lens, stride), seq_lens):
+        rows.append((s, L, first))
+        first += -(-L // CHUNK)
+    return rows
+
+
 @functools.lru_cache(maxsize=256)
 def _state_rows(seq_lens: tuple[int, ...], stride: int | None, device: torch.device):
     """(first token, length, final-state row, first chunk) per sequence: the table of the recurrence
     that also stores the state entering every chunk."""
-    starts = sequence_starts(seq_lens, stride)
-    rows, first = [], 0
-    for n, (s, L) in enumerate(zip(starts, seq_lens)):
-        rows += [s, L, n, first]
-        first += -(-L // CHUNK)
+    rows = [x for n, (s, L, c) in enumerate(sequence_rows(seq_lens, stride)) for x in (s, L, n, c)]
     return host_table(rows, torch.int32, device).reshape(-1, 4)
 
 

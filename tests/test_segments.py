@@ -109,3 +109,36 @@ def test_warmup_spans_follow_the_specification(l2):
                 assert gf[r0:r0 + rn, h].sum() <= -cp.TRUNCATION_TAU
                 assert rn <= 64 or gf[r0 + 64:r0 + rn, h].sum() > -cp.TRUNCATION_TAU
                 assert ((bk[r0:r0 + rn, h] >= 0) & (bk[r0:r0 + rn, h] <= 2)).all()
+
+
+@pytest.mark.parametrize("with_r", [False, True])
+def test_backward_spans_follow_the_specification(with_r):
+    """The CP backward's spans: M dropped exactly where the spec's ``truncation_mask`` drops it (whole
+    segments: summed decay reaching -tau and every token contractive), for every segment including a
+    sequence's last; R over whole segments, or none where the forward stored its states."""
+    from flashdelta.gated_delta_rule.hopper import context_parallel_backward as cpb
+    lens, seg, HV, H = (1500, 900, 64 * 7), 2, 4, 2
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, g, beta, _ = make_inputs(1, sum(lens), H, HV, 16, 16, generator=gen, zero_gate_heads=1)
+    g = g * torch.tensor([1.0, 8.0, 30.0, 0.5])
+    k[..., :300, :, :] *= 2                             # beta |k|^2 may exceed 2 there
+    plan = plan_forward(lens, HV, 16, 132, context_parallel=seg)
+    table, _, _ = cpb.backward_tables(plan, lens, None, CPU)
+    stats = chunk_stats(g, beta, k, chunk_table(lens), HV // H, False)
+    spans, keep = cpb.backward_spans(stats, table, cp.TRUNCATION_TAU, with_r)
+    S = len(plan.segments)
+    assert spans.shape == (S + 1, HV, 4) and spans.dtype == torch.int32 and not keep[-1].any()
+
+    layout = ChunkLayout.build(lens, None, CPU)
+    kc = layout.gather(k.repeat_interleave(HV // H, dim=2))
+    _, _, G, contractive = cp.segment_summaries(kc, layout.gather(v), layout.gather(g), layout.gather(beta), seg)
+    spec = cp.truncation_mask(G, contractive, cp.TRUNCATION_TAU)      # [N, HV, NS]
+    spec = torch.cat([spec[n, :, :len([1 for m, _, _ in plan.segments if m == n])].t() for n in range(len(lens))])
+    assert spec.any() and not spec.all()
+    assert torch.equal(keep[:-1], (~spec).float())
+    first, length = table.spans[:-1, 0, None].expand(S, HV), table.spans[:-1, 1, None].expand(S, HV)
+    assert torch.equal(spans[:-1, :, 0], first) and torch.equal(spans[:-1, :, 2], first)
+    assert torch.equal(spans[:-1, :, 1], length * int(with_r))
+    assert torch.equal(spans[:-1, :, 3], torch.where(spec, 0, length))
+    exact, _ = cpb.backward_spans(stats, table, float("inf"), True)
+    assert torch.equal(exact[:-1, :, 3], length)                       # tau = inf: nothing dropped

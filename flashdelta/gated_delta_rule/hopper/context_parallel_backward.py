@@ -5,10 +5,12 @@ The unsplit backward (``backward.py``) walks every sequence twice from end to en
 and dS = M^T dS' + G backward, so both split on the forward's plan, with its kernels as they are:
 
 1. ``chunk_matrices`` with Γ⊙A0 and the per-chunk statistics (as the unsplit backward);
-2. ``segment_windows`` over every segment (a sequence's last one too: the backward scan applies its M),
-   then the warm-up: R and M per segment and head;
-3. ``segment_scan`` forward from h0: the state entering every segment; then the state recompute
-   (``chunk_recurrence[save_states]``) over the segments from those states, all at once;
+2. ``backward_spans`` over every segment (a sequence's last one too: the backward scan applies its
+   M), then the warm-up: M per segment and head where it is not truncated, and R where the states
+   are recomputed;
+3. where the forward did not store its states: ``segment_scan`` forward from h0, the state entering
+   every segment; then the state recompute (``chunk_recurrence[save_states]``) over the segments from
+   those states, all at once;
 4. ``state_gradient`` over the segments from a zero end gradient: the local terms G (its dh0 output;
    its dv and per-chunk gradients are overwritten in step 6);
 5. ``segment_scan`` backwards -- the segments in reverse order, M^T for M, G for R, dht for h0: the
@@ -17,22 +19,40 @@ and dS = M^T dS' + G backward, so both split on the forward's plan, with its ker
    sequence's first segment, dh0;
 7. ``chunk_gradients`` as in the unsplit backward.
 
-The split is exact (``tau`` = inf: R and M over whole segments): the forward's truncation bounds the
-window's transition, but the backward drops the whole segment's M^T, which also carries the tokens
-before the window, so it needs the backward rule of ``context_parallel.segmented_state_gradient_walk``
-(the PyTorch specification, exact to 1e-12 in float64 and tested with its truncation) in the windows
-first. Exact, the warm-up walks whole segments for every head: one segment's latency, all at once.
+Truncation is the PyTorch specification's (``context_parallel.segmented_state_gradient_walk`` and
+``truncation_mask``): a segment's M (M^T backwards) is dropped where its summed decay reaches -tau and
+0 <= beta |k|^2 <= 2 holds on every token of the segment, so ||M|| <= e^-tau bounds what is dropped in
+either direction. This is not the forward's window rule: there the window's transition is bounded
+and R restarts inside the segment, while here the whole segment's transition is dropped, so the norm
+condition must hold before the window too. R is never windowed: where it is needed (the recompute)
+it spans the segment. g = 0 heads never truncate. ``tau`` = inf is exact.
 """
 import functools
 
 import torch
 
+from ..context_parallel import TRUNCATION_TAU
 from ..inputs import host_table
 from ..segments import SegmentTable
 from .backward import chunk_gradients, finish_gradients, walk_kernel
-from .context_parallel import scan_kernel, segment_windows
+from .context_parallel import scan_kernel
 from .forward import (CHUNK, DTYPES, _tables, entry, flat, on_device, prepare, ready, recurrence_kernel, unused_rows,
                       warmup)
+
+
+def backward_spans(stats, table: SegmentTable, tau: float, with_r: bool):
+    """The warm-up's spans [rows, HV, 4] (R first token, R length, M first token, M length) and the
+    scans' ``keep`` [rows, HV] for the backward, from the per-chunk statistics (decay, broken tokens)
+    summed over each segment's chunks (float64 prefix sums: exact enough at any length); ``with_r``:
+    R over every used segment, else none. No host sync: a few torch ops on the device."""
+    first, length, c0, count, used = table.segments.long().unbind(1)
+    sums = torch.cat([stats.new_zeros(1, *stats.shape[1:], dtype=torch.float64), stats.double().cumsum(0)])
+    total = sums[c0 + count] - sums[c0]                                   # [rows, HV, 2]
+    truncate = (total[..., 0] <= -tau) & (total[..., 1] == 0)
+    walked = (length * used)[:, None].expand_as(truncate)
+    spans = torch.stack([first[:, None].expand_as(truncate), walked * int(with_r),
+                         first[:, None].expand_as(truncate), torch.where(truncate, 0, walked)], -1)
+    return spans.to(torch.int32).contiguous(), (~truncate & (used[:, None] > 0)).float()
 
 
 @functools.lru_cache(maxsize=64)
@@ -57,9 +77,9 @@ def backward_tables(plan, seq_lens: tuple[int, ...], batched_len, device: torch.
 
 def hopper_cp_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm_in_kernel: bool, cu_seqlens,
                        seq_lens, state_v_first: bool, do, dht, plan, needs_dh0: bool = True, walk_tile: int = 64,
-                       tau: float = float("inf"), states=None):
+                       tau: float = TRUNCATION_TAU, states=None):
     """``backward.hopper_backward`` on the plan's segments: the same gradients (dq, dk, dv, dg, dbeta,
-    dh0), up to rounding (``tau`` < inf would truncate as the forward does; see the module docstring).
+    dh0), up to rounding and the truncation's e^-tau (module docstring; tau = inf: exact).
     Per-(segment, head) states travel K-major, fp32. ``states``: as ``hopper_backward``'s (given, the
     forward scan and the state recompute of step 3 are skipped)."""
     B, Tn, H, K = q.shape
@@ -87,7 +107,7 @@ def hopper_cp_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2n
     walk = entry(walk_kernel(DTYPES[q.dtype], walk_tile))
     with on_device(dev):
         ag, coef, stats = prepare(qf, kf, g, beta, chunks, HV, scale, use_qk_l2norm_in_kernel, a0g=a0g)
-        spans, keep = segment_windows(stats, table, tau)
+        spans, keep = backward_spans(stats, table, tau, with_r=states is None)
         ends = torch.empty(2 * rows, HV, K * V, dtype=torch.float32, device=dev)
         warmup(qf, kf, vf, ag, coef, spans, ends, plan.v_tile)
         M = ends[rows:].view(rows, HV, K, K)

@@ -110,11 +110,12 @@ def test_gradients_take_the_kernel_backward(kernels, varlen, l2, v_first, final,
 @pytest.mark.parametrize("context_parallel,auto,expected", [
     (3, False, [("cp", 3), ("cp backward", 3, 64)]),      # asked for: the backward follows the segments
     (None, False, [("cp", 2), ("backward", 128, 64)]),    # planned, backward split not on: unsplit backward
-    (None, True, [("cp", 2), ("cp backward", 2, 64)]),    # planned, and on in the tuning table
+    (None, True, [("cp", 2), ("cp backward", 2, 64)]),    # planned, on in the tuning table, and it pays
 ])
 def test_backward_follows_the_forward_segments(kernels, monkeypatch, context_parallel, auto, expected):
     from flashdelta.gated_delta_rule import planner
     monkeypatch.setitem(planner.TUNING, "auto_backward_context_parallel", auto)
+    monkeypatch.setattr(planner, "backward_estimates", lambda *a: (1.0, 0.0))    # the split modelled faster
     monkeypatch.setattr(api, "plan_forward", lambda *a: planner.plan_forward(*a[:-1], context_parallel or 2))
     gen = torch.Generator().manual_seed(3)
     xs = make_inputs(1, 700, 1, 2, 8, 8, generator=gen)
@@ -172,8 +173,9 @@ def test_backward_tables_from_the_plan():
     width = reverse.shape[1]
     assert reverse.tolist() == [p[::-1] + [S] * (width - len(p)) for p in per_seq]
     assert first.tolist() == [per_seq[0][0], -1, per_seq[2][0]]
-    assert planner.backward_plan(plan, 2) is plan and planner.backward_plan(plan, None) is None
-    assert planner.backward_plan(planner.plan_forward(lens, 2, 128, 132, False), True) is None
+    assert planner.backward_plan(plan, 2, 2, 128, 132) is plan
+    assert planner.backward_plan(plan, None, 2, 128, 132) is None
+    assert planner.backward_plan(planner.plan_forward(lens, 2, 128, 132, False), True, 2, 128, 132) is None
 
 
 @pytest.mark.parametrize("buffer_dtype,kernels_take_it", [(torch.float64, True), (torch.float32, False)])

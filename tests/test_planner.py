@@ -160,3 +160,22 @@ def test_backward_tiles_only_from_the_table():
     backward_tiles.cache_clear()
     state_tile, walk_tile = backward_tiles((8192,) * 4, 32, 128, 132)
     assert state_tile in TUNING["recompute_step_us"] and walk_tile in TUNING["walk_step_us"]
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_backward_split_where_the_walks_are_long_and_few(monkeypatch, stored):
+    """The model splits the backward of one long sequence over few heads (its walk is the whole
+    sequence, on a few SMs) and keeps it whole where the sequences already fill the GPU."""
+    from flashdelta.gated_delta_rule import planner
+    monkeypatch.setitem(planner.TUNING, "auto_backward_context_parallel", True)
+    monkeypatch.setitem(planner.TUNING, "forward_stores_states", stored)
+    plan_forward.cache_clear()
+    long = plan_forward((32768,), 4, 128, 132, 32)
+    assert planner.backward_plan(long, None, 4, 128, 132) is long
+    wide = plan_forward((8192,) * 4, 32, 128, 132, 32)
+    assert planner.backward_plan(wide, None, 32, 128, 132) is None
+    unsplit, split = planner.backward_estimates(long, 4, 128, 132, stored)
+    assert split < unsplit / 3
+    monkeypatch.setitem(planner.TUNING, "auto_backward_context_parallel", False)
+    assert planner.backward_plan(long, None, 4, 128, 132) is None          # off: never split unasked
+    plan_forward.cache_clear()

@@ -275,7 +275,9 @@ def _decide(q, k, v, g, beta, initial_state, cu_seqlens, state_v_first, backend,
         if reason is None:
             plan = plan_forward(problem.seq_lens, problem.v_heads, problem.v_dim, sm_count(q.device),
                                 context_parallel)
-            return problem, Route(True, plan, needs_grad, backward_plan=backward_plan(plan, context_parallel))
+            split = backward_plan(plan, context_parallel, problem.v_heads, problem.v_dim, sm_count(q.device)) \
+                if needs_grad else None
+            return problem, Route(True, plan, needs_grad, backward_plan=split)
         if backend == "tilelang":
             raise RuntimeError(f"backend='tilelang' cannot run this call: {reason}")
     plan = None

@@ -144,13 +144,53 @@ def plan_forward(seq_lens: tuple[int, ...], v_heads: int, v_dim: int, sm_count: 
     return _plan(tuple(seq_lens), v_heads, v_dim, sm_count, mode, forced)
 
 
-def backward_plan(forward: Plan, context_parallel: bool | int | None) -> Plan | None:
-    """The segments the backward walks on: the forward's, where it split and the backward split is on
-    (by the tuning table, or asked for by the call), else None (the unsplit backward)."""
+def backward_plan(forward: Plan, context_parallel: bool | int | None, v_heads: int, v_dim: int,
+                  sm_count: int) -> Plan | None:
+    """The segments the backward walks on: the forward's, where it split and the call asked for a
+    split, or where ``TUNING["auto_backward_context_parallel"]`` lets the model choose and it
+    pays (``backward_estimates``); else None (the unsplit backward)."""
     if not forward.context_parallel:
         return None
-    asked = context_parallel is not None and context_parallel is not False
-    return forward if asked or TUNING["auto_backward_context_parallel"] else None
+    if context_parallel is not None and context_parallel is not False:
+        return forward
+    if not TUNING["auto_backward_context_parallel"]:
+        return None
+    unsplit, split = backward_estimates(forward, v_heads, v_dim, sm_count, TUNING["forward_stores_states"])
+    return forward if split < unsplit else None
+
+
+@lru_cache(maxsize=256)
+def backward_estimates(forward: Plan, v_heads: int, v_dim: int, sm_count: int, stored: bool) -> tuple[float, float]:
+    """Modelled microseconds of the backward's serial part, (unsplit, on ``forward``'s segments):
+
+        walks(lengths) = state-gradient walk (+ state recompute unless ``stored``) over those lengths
+        unsplit        = walks(sequences)
+        split          = overhead + warm-up (M where not truncated, R too unless stored)
+                         + scans (1, or 2 unless stored) + 2 walks(segments)   (local, then corrected)
+
+    with each walk's V tile from ``backward_tiles`` and the forward's warm-up constants. The per-chunk
+    stages (prepare, gradients) cost the same either way and are left out."""
+    tuning = TUNING
+    seq_lens = [0] * (max((n for n, _, _ in forward.segments), default=-1) + 1)
+    for n, _, tokens in forward.segments:
+        seq_lens[n] += tokens
+    pieces = tuple(tokens for _, _, tokens in forward.segments)
+
+    def walks(lengths, count: int):
+        state_tile, walk_tile = backward_tiles(lengths, v_heads, v_dim, sm_count)
+        chunks = tuple(-(-n // CHUNK) for n in lengths)
+        total = count * makespan(chunks, v_heads * -(-v_dim // walk_tile), sm_count) * tuning["walk_step_us"][walk_tile]
+        if not stored:
+            total += makespan(chunks, v_heads * -(-v_dim // state_tile), sm_count) * \
+                tuning["recompute_step_us"][state_tile]
+        return total
+
+    L, bv = forward.segment_chunks, forward.v_tile
+    exact = [L] * round(tuning["exact_fraction"] * len(pieces)) + ([] if stored else [L] * len(pieces))
+    warmup = makespan(exact, v_heads * -(-v_dim // bv), sm_count) * tuning["warmup_ratio"] * tuning["step_us"][bv]
+    per_seq = max((-(-n // (L * CHUNK)) for n in seq_lens), default=0)
+    scans = per_seq * tuning["scan_step_us"] * (1 if stored else 2)
+    return walks(tuple(seq_lens), 1), tuning["cp_overhead_us"] + warmup + scans + walks(pieces, 2)
 
 
 @lru_cache(maxsize=256)
@@ -198,6 +238,7 @@ def clear_caches():
     """Forget every cached plan (for tests and refits that change TUNING)."""
     _plan.cache_clear()
     backward_tiles.cache_clear()
+    backward_estimates.cache_clear()
 
 
 plan_forward.cache_clear = clear_caches

@@ -2,9 +2,10 @@
 
 ``chunked_backward.chunk_local_gradients`` on the device: one CTA per (q/k head, chunk), all chunks
 at once, looping over the group's value heads, from the state entering the chunk (``chunk_recurrence``
-in its ``save_states`` variant), the gradient of the state leaving it and dv (both from ``state_gradient``), dO, and the gated inverse
-``A0g = Gamma * A0`` (``chunk_matrices`` with ``store_a0g``). With Q~ = scale Q, K and Q after the
-l2-norm, b = e^gamma, Ag = A0g diag(beta) (DESIGN section 7):
+in its ``save_states`` variant), the gradient of the state leaving it and dv (both from
+``state_gradient``), dO, and the gated inverse ``A0g = Gamma * A0`` (``chunk_matrices`` with
+``store_a0g``). With Q~ = scale Q, K and Q after the l2-norm, b = e^gamma, Ag = A0g diag(beta)
+(DESIGN section 7):
 
     U = V - diag(b) K S          V' = Ag U          P = Gamma * (Q~ K^T)
     dV' = diag(b_C / b) K dS' + P^T dO              dP = Gamma * (dO V'^T)
@@ -168,7 +169,8 @@ def chunk_gradients_kernel(K: int, V: int, dtype: str, threads: int = 256):
                 T.clear(sdr)
                 for part in T.serial(4):
                     for i, j in T.Parallel(V // 4, K):
-                        sd[i, j] = T.Cast(ACC, st_s[part * (V // 4) + i, j]) * T.Cast(ACC, dst_s[part * (V // 4) + i, j])
+                        row = part * (V // 4) + i
+                        sd[i, j] = T.Cast(ACC, st_s[row, j]) * T.Cast(ACC, dst_s[row, j])
                     T.reduce_sum(sd, sdr, dim=1, clear=False)
                 T.reduce_sum(sdr, sdt, dim=0)
                 sdot[0] = sdt[0]
@@ -295,8 +297,9 @@ def chunk_gradients_kernel(K: int, V: int, dtype: str, threads: int = 256):
             inv = T.if_then_else(scale != 0.0, 1.0 / scale, 0.0)
             for i, j in T.Parallel(C, K):
                 if i < n:
-                    dq[t0 + i, hk, j] = T.if_then_else(
-                        l2norm != 0, cf_s[last, i, 5] * (dqf[i, j] - q_s[i, j] * red[2][i] * inv * inv), dqf[i, j] * scale)
+                    dq[t0 + i, hk, j] = T.if_then_else(l2norm != 0,
+                                                       cf_s[last, i, 5] * (dqf[i, j] - q_s[i, j] * red[2][i] * inv * inv),
+                                                       dqf[i, j] * scale)
                     dk[t0 + i, hk, j] = T.if_then_else(
                         l2norm != 0, cf_s[last, i, 6] * (dkf[i, j] - k_s[i, j] * red[3][i]), dkf[i, j])
 

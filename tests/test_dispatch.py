@@ -222,3 +222,19 @@ def test_stored_states_reach_the_backward(kernels, monkeypatch, stores):
                                              context_parallel=False)
     ((o * o).sum() + s.sum()).backward()
     assert len(seen) == 1 and (seen[0] is marker if stores else seen[0] is None)
+
+
+def test_state_tables_name_each_first_chunk():
+    """The tables of the recurrence that stores its per-chunk states: the sequences' (first token,
+    length, final-state row, first chunk) and the CP output pass's segment rows with their first chunk."""
+    from flashdelta.gated_delta_rule import planner
+    from flashdelta.gated_delta_rule.hopper import context_parallel as hcp
+    cpu = torch.device("cpu")
+    lens = (100, 0, 200)
+    assert hopper_fwd._state_rows(lens, None, cpu).tolist() == [[0, 100, 0, 0], [100, 0, 1, 2], [100, 200, 2, 2]]
+    assert hopper_fwd._state_rows((130, 130), 256, cpu)[:, 3].tolist() == [0, 3]           # batched: padded rows
+    assert hopper_bwd._walk_table(lens, None, cpu).tolist() == [[0, 100, 0], [100, 0, 2], [100, 200, 2]]
+    plan = planner.plan_forward(lens, 2, 128, 132, 2)
+    spans = hcp._state_spans(plan, lens, None, cpu)
+    table = hcp.SegmentTable.build(plan, lens, None, cpu)
+    assert torch.equal(spans[:, :3], table.spans) and torch.equal(spans[:, 3], table.segments[:, 2])

@@ -201,6 +201,11 @@ def backward_parts(lens, H, HV, varlen):
             qf, kf, vf, dof, dv, a0g, coef, chunks, states, dstates, *grads, scale, 0),
         "bwd total": lambda: hb.hopper_backward(q, k, v, g, beta, scale, s0, False, cu, seq if varlen else None,
                                                 False, do, dht),
+        # the forward storing its per-chunk states, and the backward from them (no recompute)
+        "fwd storing states": lambda: hopper.hopper_forward(q, k, v, g, beta, scale, s0, True, False, cu, seq, False,
+                                                            save_states=True),
+        "bwd total, stored states": lambda: hb.hopper_backward(q, k, v, g, beta, scale, s0, False, cu, seq, False,
+                                                               do, dht, states=states),
     }
     for bv in hb.WALK_V_TILES:
         parts[f"bwd walk BV={bv}"] = lambda bv=bv: hopper.entry(hb.walk_kernel("bfloat16", bv))(

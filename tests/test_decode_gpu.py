@@ -51,10 +51,18 @@ def as_k_major(pool, v_first):
     return pool.transpose(-1, -2) if v_first else pool
 
 
+@pytest.fixture(params=[32, 8], ids=lambda bv: f"BV{bv}")
+def v_tile(request, monkeypatch):
+    """Every decode test on each of the kernel's V tiles (``decode.V_TILES``)."""
+    from flashdelta.gated_delta_rule import planner
+    monkeypatch.setitem(planner.TUNING, "decode_v_tile", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("v_first", [True, False])
 @pytest.mark.parametrize("tokens,l2norm", [(1, True), (3, False)])
-def test_pool_decode(pool_dtype, v_first, tokens, l2norm):
+def test_pool_decode(pool_dtype, v_first, tokens, l2norm, v_tile):
     _hopper()
     B, slots = 37, 64
     q, k, v, g, beta = draw(1, B, tokens, l2norm=l2norm)
@@ -82,7 +90,7 @@ def test_pool_decode(pool_dtype, v_first, tokens, l2norm):
     assert errors["o"] < 5e-3 and errors["state"] < state_tol, f"errors {errors}"
 
 
-def test_speculative_verify_keeps_every_step():
+def test_speculative_verify_keeps_every_step(v_tile):
     _hopper()
     lens, steps, slots = [4, 1, 3, 4, 2], 4, 40
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=DEV)
@@ -115,7 +123,7 @@ def test_speculative_verify_keeps_every_step():
 
 
 @pytest.mark.parametrize("h0,final", [(True, True), (False, True), (True, False)])
-def test_dense_state_decode(h0, final):
+def test_dense_state_decode(h0, final, v_tile):
     """fused_recurrent without a pool: the decode kernel on short sequences, a new final state."""
     _hopper()
     q, k, v, g, beta = draw(7, 16, 2)
@@ -133,7 +141,7 @@ def test_dense_state_decode(h0, final):
 
 
 @pytest.mark.parametrize("neg_eigval", [False, True])
-def test_raw_gates_activated_in_the_kernel(neg_eigval):
+def test_raw_gates_activated_in_the_kernel(neg_eigval, v_tile):
     """Qwen3-Next's raw projections (A_log, dt_bias, sigmoid beta) on the kernel, against the PyTorch path."""
     _hopper()
     B, slots = 24, 32
@@ -207,7 +215,7 @@ def test_checkpoints_on_the_kernels(v_first):
     assert max(errors.values()) < 5e-3, f"errors {errors}"
 
 
-def test_graph_replay_equals_eager():
+def test_graph_replay_equals_eager(v_tile):
     """A decode step captured once, replayed on new q/k/v/g/beta, slots and pool contents."""
     _hopper()
     B, slots = 64, 128

@@ -73,12 +73,22 @@ def make_inputs(cfg: DecodeConfig, device, seed: int = 0):
     return x
 
 
-def flashdelta_step(x, cfg):
+def flashdelta_step(x, cfg, v_tile: int | None = None):
+    """Our step; ``v_tile``: the decode kernel's V tile for this step (default: the tuning table's)."""
     from flashdelta import fused_recurrent_gated_delta_rule
-    return lambda: fused_recurrent_gated_delta_rule(
-        x["q"], x["k"], x["v"], x["a"], beta=x["b"], initial_state=x["pool"], state_indices=x["rows"],
-        use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=x["A_log"], dt_bias=x["dt_bias"],
-        use_beta_sigmoid_in_kernel=True, state_v_first=True)[0]
+    from flashdelta.gated_delta_rule.planner import TUNING
+
+    def step():
+        chosen = TUNING["decode_v_tile"]
+        TUNING["decode_v_tile"] = v_tile or chosen
+        try:
+            return fused_recurrent_gated_delta_rule(
+                x["q"], x["k"], x["v"], x["a"], beta=x["b"], initial_state=x["pool"], state_indices=x["rows"],
+                use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=x["A_log"], dt_bias=x["dt_bias"],
+                use_beta_sigmoid_in_kernel=True, state_v_first=True)[0]
+        finally:
+            TUNING["decode_v_tile"] = chosen
+    return step
 
 
 def fla_step(x, cfg):
@@ -104,10 +114,13 @@ def flashinfer_step(x, cfg):
 PEERS = {"fla": fla_step, "flashinfer": flashinfer_step}
 
 
-def measure_config(cfg: DecodeConfig, peers, device, copy_bw: float, budget: timing.Budget) -> dict:
+def measure_config(cfg: DecodeConfig, peers, device, copy_bw: float, budget: timing.Budget,
+                   v_tiles: tuple[int, ...] = ()) -> dict:
+    """``v_tiles``: our decode kernel's V tiles to time besides the tuning table's ("flashdelta BV=t")."""
     x = make_inputs(cfg, device)
     result = {"label": cfg.label, "config": asdict(cfg), "bytes": cfg.bytes(), "impls": {}}
     steps = {"flashdelta": (flashdelta_step(x, cfg), None)}
+    steps.update({f"flashdelta BV={t}": (flashdelta_step(x, cfg, t), None) for t in v_tiles})
     for name in peers:
         try:
             steps[name] = PEERS[name](x, cfg)
@@ -137,6 +150,10 @@ def measure_config(cfg: DecodeConfig, peers, device, copy_bw: float, budget: tim
     return result
 
 
+def _cell(e: dict) -> str:
+    return f"{e['us']:.1f} | {e['of_copy'] * 100:.0f}%" if "us" in e else "- | -"
+
+
 def markdown(record: dict) -> str:
     env = record["environment"]
     lines = [f"# Decode on {env['device_name']} ({env['date']})", "",
@@ -145,13 +162,16 @@ def markdown(record: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in record["results"]:
         ours, fla, fi = (r["impls"].get(n, {}) for n in ("flashdelta", "fla", "flashinfer"))
-
-        def cell(e):
-            return (f"{e['us']:.1f} | {e['of_copy'] * 100:.0f}%" if "us" in e else "- | -")
         ratio = f"{fi['us'] / ours['us']:.2f}x" if "us" in fi and "us" in ours else "-"
         lines.append(f"| {r['label']} | {ours['us']:.1f} | {ours['tb_s']:.2f} | {ours['of_copy'] * 100:.0f}% | "
-                     f"{cell(fla)} | {cell(fi)} | {ratio} |" if "us" in ours else f"| {r['label']} | failed: "
+                     f"{_cell(fla)} | {_cell(fi)} | {ratio} |" if "us" in ours else f"| {r['label']} | failed: "
                      f"{ours.get('failed')} |")
+    tiles = sorted({n for r in record["results"] for n in r["impls"] if n.startswith("flashdelta BV=")})
+    if tiles:                        # our other V tiles, same run
+        lines += ["", "| config | " + " | ".join(f"{n} µs | of copy" for n in tiles) + " |",
+                  "|---|" + "---|---|" * len(tiles)]
+        for r in record["results"]:
+            lines.append(f"| {r['label']} | " + " | ".join(_cell(r["impls"].get(n, {})) for n in tiles) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,6 +183,7 @@ def parse_args(argv):
     p.add_argument("--tokens", default=None, help="tokens per sequence, e.g. 1,4")
     p.add_argument("--peers", default="fla,flashinfer", help="comma list of fla, flashinfer; 'none' for none")
     p.add_argument("--budget", type=float, default=0.2, help="seconds per measurement")
+    p.add_argument("--v-tiles", default="", help="our decode kernel's V tiles to time besides the default, e.g. 8")
     p.add_argument("--out", default="bench-out", help="results directory")
     p.add_argument("--name", default=None, help="file stem (default <GPU>-decode)")
     return p.parse_args(argv)
@@ -199,7 +220,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"{short_name(record['environment']['device_name'])}-decode"
     for cfg in select(args):
-        result = measure_config(cfg, peers, device, copy_bw, budget)
+        result = measure_config(cfg, peers, device, copy_bw, budget,
+                                tuple(int(t) for t in args.v_tiles.split(",") if t))
         record["results"].append(result)
         # written after every configuration, so a run cut short still leaves its numbers
         (out / f"{stem}.json").write_text(json.dumps(record, indent=1))

@@ -63,6 +63,10 @@ TUNING = {
     # recompute; q's dtype, 32 KB per chunk and value head kept until the backward). Off until
     # test_backward_gpu.py's stored-state tests have run on a GPU.
     "forward_stores_states": False,
+    # The decode kernel's V tile (hopper/decode.py V_TILES): 32 columns on 128 threads, as measured in
+    # H100-decode.md; 8 columns on one warp (FLA's tile: many more CTAs in flight per SM) compiles and
+    # waits for `python -m flashdelta.bench.decode --v-tiles 32,8` on a GPU.
+    "decode_v_tile": 32,
 }
 
 # The per-chunk preparation splits a GVA group's value heads over CTAs until its grid has this many

@@ -10,23 +10,25 @@ import functools
 import torch
 
 from ..inputs import host_table
+from ..planner import TUNING
 from .forward import DTYPES, HEAD_DIM, _compile, _tables, entry, flat, on_device
 from .recurrent_step import recurrent_step_kernel
 
-V_TILE = 32
+V_TILES = {32: 128, 8: 32}             # V columns per CTA -> threads (TUNING["decode_v_tile"] picks one)
 POOL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 ALIGN = 16                              # bytes: the pool's rows are stored by TMA
 
 
 def variants(dtype: str):
-    """The decode kernel for q/k/v ``dtype``: one per pool dtype and layout."""
-    return [(f"recurrent_step[{dtype},pool={pd},{'V-major' if vf else 'K-major'}]",
-             functools.partial(step_kernel, dtype, pd, vf)) for pd in POOL_DTYPES.values() for vf in (False, True)]
+    """The decode kernel for q/k/v ``dtype``: one per pool dtype, layout and V tile."""
+    return [(f"recurrent_step[{dtype},pool={pd},{'V-major' if vf else 'K-major'},BV={bv}]",
+             functools.partial(step_kernel, dtype, pd, vf, bv))
+            for pd in POOL_DTYPES.values() for vf in (False, True) for bv in V_TILES]
 
 
 @functools.lru_cache(maxsize=None)
-def step_kernel(dtype: str, pool_dtype: str, v_first: bool):
-    return _compile(recurrent_step_kernel, HEAD_DIM, HEAD_DIM, V_TILE, dtype, pool_dtype, v_first)
+def step_kernel(dtype: str, pool_dtype: str, v_first: bool, bv: int):
+    return _compile(recurrent_step_kernel, HEAD_DIM, HEAD_DIM, bv, dtype, pool_dtype, v_first, threads=V_TILES[bv])
 
 
 def pool_unsupported(pool: torch.Tensor) -> str | None:
@@ -68,7 +70,8 @@ def hopper_decode(q, k, v, g, beta, scale: float, pool_in, first_rows, pool_out,
     if tokens == 0 or not seq_lens:
         return o
     seqs, _ = _tables(tuple(seq_lens), Tn if batched else None, dev)
-    kernel = entry(step_kernel(DTYPES[q.dtype], POOL_DTYPES[pool_in.dtype], bool(state_v_first)))
+    kernel = entry(step_kernel(DTYPES[q.dtype], POOL_DTYPES[pool_in.dtype], bool(state_v_first),
+                               TUNING["decode_v_tile"]))
     per_step = step_rows is not None
     a_log, dt_bias, beta_scale = (None, None, 0.0) if gating is None else gating
     gate_in_kernel = a_log is not None

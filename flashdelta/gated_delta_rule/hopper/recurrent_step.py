@@ -30,7 +30,8 @@ per value head against 0.75 KB of q, k, v. So the kernel is built to move the po
   launch and nothing else.
 
 BV = 32 with 128 threads keeps the tile at 16 KB of registers (32 a thread), so several CTAs share an
-SM and their loads overlap; a batch of 64 sequences with 32 value heads is 8192 CTAs.
+SM and their loads overlap; a batch of 64 sequences with 32 value heads is 8192 CTAs. BV = 8 on one
+warp (``decode.V_TILES``) is FLA's tile: 4 KB per CTA, four times the CTAs, more of them in flight.
 
 Rows: ``first_rows[n]`` is the slot sequence n starts from (-1 or out of range: zeros). With
 ``per_step``, the state after token t goes to slot ``step_rows[n, t]``; otherwise the final state goes

@@ -365,8 +365,7 @@ class _KernelAutograd(torch.autograd.Function):
     @staticmethod
     def forward(ctx, forward, options, q, k, v, g, beta, initial_state):
         ctx.set_materialize_grads(False)            # an unused output's gradient stays None: no zeros read
-        o, final, *states = forward(q, k, v, g, beta, options.scale, initial_state)
-        states = states[0] if states else None
+        o, final, states = forward(q, k, v, g, beta, options.scale, initial_state)
         ctx.save_for_backward(q, k, v, g, beta, initial_state, states)
         ctx.options = options
         ctx.has_final = final is not None
@@ -401,7 +400,11 @@ def _with_backward(kernel, needs_grad, problem, cu_seqlens, state_v_first, plan=
 
     def run(q, k, v, g, beta, scale, initial_state, output_final_state, l2norm, *rest):
         options = _BackwardOptions(scale, l2norm, cu_seqlens, problem.seq_lens, state_v_first, plan)
-        store = {"save_states": True} if TUNING["forward_stores_states"] else {}
-        forward = lambda *a: kernel(*a, output_final_state, l2norm, *rest, **store)  # noqa: E731
+        stores = TUNING["forward_stores_states"]
+
+        def forward(*a):
+            """(o, final state, the per-chunk states or None)."""
+            out = kernel(*a, output_final_state, l2norm, *rest, save_states=stores)
+            return out if stores else (*out, None)
         return _KernelAutograd.apply(forward, options, q, k, v, g, beta, initial_state)
     return run

@@ -140,7 +140,7 @@ def chunked_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2nor
     dS_out, dvc, dh0 = state_gradient_walk(qc, kc, gc, bc, scale, doc, as_kv(dht))
     dqc, dkc, dbc, dgc = chunk_local_gradients(qc, kc, vc, gc, bc, scale, S, dS_out, doc, dvc)
 
-    B, T, H, HV = problem.batch, problem.tokens, problem.qk_heads, problem.v_heads
+    B, T, H = problem.batch, problem.tokens, problem.qk_heads
     per_head = lambda x: layout.scatter(x, B, T)
     dq, dk = (per_head(x).reshape(B, T, H, group, -1).sum(3) for x in (dqc, dkc))
     if use_qk_l2norm_in_kernel:

@@ -23,7 +23,7 @@ from ..inputs import host_table
 from .chunk_gradients import chunk_gradients_kernel
 from .chunk_matrices import CHUNK
 from .forward import (DTYPES, HEAD_DIM, MAX_GRID_Z, _compile, _tables, entry, flat, on_device, prepare, ready,
-                      recurrence_kernel, sequence_rows, unused_rows)
+                      recurrence_kernel, sequence_rows, sizes, unused_rows)
 from .state_gradient import state_gradient_kernel
 
 WALK_V_TILES = (64, 128)             # state_gradient variants: V columns per CTA
@@ -62,11 +62,7 @@ def hopper_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2norm
     ``walk_tile`` / ``state_tile``: V columns per CTA of the state-gradient walk / the state recompute
     (``planner.backward_tiles``). ``states``: the state entering every chunk as the forward stored it
     (``hopper_forward(save_states=True)``), or None to recompute them."""
-    B, Tn, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    seq_lens = tuple(seq_lens) if seq_lens is not None else (Tn,) * B
-    N, tokens, dev = len(seq_lens), B * Tn, q.device
-    stride = Tn if cu_seqlens is None else None
+    B, Tn, H, K, HV, V, seq_lens, N, tokens, stride, dev = sizes(q, v, seq_lens, cu_seqlens)
     store_dh0 = initial_state is not None and needs_dh0
     dh0 = torch.empty(N, HV, K * V, dtype=torch.float32, device=dev) if store_dh0 else None
     dv = torch.empty(tokens, HV, V, dtype=q.dtype, device=dev)

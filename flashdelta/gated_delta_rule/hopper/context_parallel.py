@@ -17,7 +17,8 @@ import torch
 
 from ..context_parallel import TRUNCATION_TAU
 from ..segments import SegmentTable
-from .forward import CHUNK, DTYPES, _compile, _tables, entry, flat, on_device, prepare, ready, recur, warmup
+from .forward import (CHUNK, DTYPES, _compile, _tables, entry, flat, on_device, prepare, ready, recur, sizes,
+                      warmup)
 from .segment_scan import segment_scan_kernel
 from .segment_windows import segment_windows_kernel
 
@@ -55,12 +56,8 @@ def hopper_cp_forward(q, k, v, g, beta, scale: float, initial_state, output_fina
                       tau: float = TRUNCATION_TAU, save_states: bool = False):
     """``save_states``: as ``forward.hopper_forward``'s (the output pass stores the states it enters
     every chunk with, those the forward's output used): returns (o, final state, states)."""
-    B, Tn, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
+    B, Tn, H, K, HV, V, seq_lens, N, tokens, stride, dev = sizes(q, v, seq_lens, cu_seqlens)
     assert K == V and q.dtype in DTYPES
-    seq_lens = tuple(seq_lens)
-    N, tokens, dev = len(seq_lens), B * Tn, q.device
-    stride = Tn if cu_seqlens is None else None
     ready(DTYPES[q.dtype])
     table = SegmentTable.build(plan, seq_lens, stride, dev)
     S = table.spans.shape[0] - 1

@@ -36,8 +36,8 @@ from ..inputs import host_table
 from ..segments import SegmentTable
 from .backward import chunk_gradients, finish_gradients, walk_kernel
 from .context_parallel import scan_kernel
-from .forward import (CHUNK, DTYPES, _tables, entry, flat, on_device, prepare, ready, recurrence_kernel, unused_rows,
-                      warmup)
+from .forward import (CHUNK, DTYPES, _tables, entry, flat, on_device, prepare, ready, recurrence_kernel, sizes,
+                      unused_rows, warmup)
 
 
 def backward_spans(stats, table: SegmentTable, tau: float, with_r: bool):
@@ -82,12 +82,8 @@ def hopper_cp_backward(q, k, v, g, beta, scale: float, initial_state, use_qk_l2n
     dh0), up to rounding and the truncation's e^-tau (module docstring; tau = inf: exact).
     Per-(segment, head) states travel K-major, fp32. ``states``: as ``hopper_backward``'s (given, the
     forward scan and the state recompute of step 3 are skipped)."""
-    B, Tn, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
+    B, Tn, H, K, HV, V, seq_lens, N, tokens, stride, dev = sizes(q, v, seq_lens, cu_seqlens)
     assert K == V and q.dtype in DTYPES
-    seq_lens = tuple(seq_lens)
-    N, tokens, dev = len(seq_lens), B * Tn, q.device
-    stride = Tn if cu_seqlens is None else None
     ready(DTYPES[q.dtype])
     table, reverse, first = backward_tables(plan, seq_lens, stride, dev)
     rows = table.segments.shape[0]                             # S segments and the "none" row

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import tilelang
 import torch
@@ -155,13 +156,8 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
     each rounded once from fp32, which is what such a buffer holds). ``save_states``: also return the
     state entering every chunk ([chunks, HV, V, K], q's dtype), stored by the recurrence as it walks,
     for a backward that then recomputes none: (o, final state, states)."""
-    B, Tn, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
+    B, Tn, H, K, HV, V, seq_lens, N, tokens, stride, dev = sizes(q, v, seq_lens, cu_seqlens)
     assert supports(K, V) and v_tile in V_TILES
-    if seq_lens is None:
-        seq_lens = (Tn,) * B
-    seq_lens = tuple(seq_lens)
-    N, tokens, dev = len(seq_lens), B * Tn, q.device
 
     o = torch.empty(B, Tn, HV, V, dtype=q.dtype, device=dev)
     h0 = None
@@ -176,7 +172,6 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
         return out + (None,) if save_states else out
 
     ready(DTYPES[q.dtype])
-    stride = Tn if cu_seqlens is None else None
     seqs, chunks = _tables(seq_lens, stride, dev)
     rows = (flat(q, tokens, H, K), flat(k, tokens, H, K), flat(v, tokens, HV, V))
     states = torch.empty(chunks.shape[0], HV, V, K, dtype=q.dtype, device=dev) if save_states else None
@@ -194,6 +189,29 @@ def hopper_forward(q, k, v, g, beta, scale: float, initial_state, output_final_s
             checkpoints.store_entering(entering, _final(ht, N, HV, K, V, state_v_first), seq_lens, state_v_first)
     out = o, _final(ht if output_final_state else None, N, HV, K, V, state_v_first)
     return out + (states,) if save_states else out
+
+
+class Sizes(NamedTuple):
+    """A call's sizes as the launchers use them (``sizes``)."""
+    B: int
+    T: int
+    H: int
+    K: int
+    HV: int
+    V: int
+    seq_lens: tuple[int, ...]
+    N: int
+    tokens: int
+    stride: int | None          # batched layout: sequence n starts at n * stride; None = packed
+    device: torch.device
+
+
+def sizes(q, v, seq_lens, cu_seqlens) -> Sizes:
+    """``Sizes`` of a call on [B, T, heads, dim] q and v; ``seq_lens`` None = B sequences of T."""
+    B, Tn, H, K = q.shape
+    seq_lens = (Tn,) * B if seq_lens is None else tuple(seq_lens)
+    return Sizes(B, Tn, H, K, v.shape[2], v.shape[3], seq_lens, len(seq_lens), B * Tn,
+                 Tn if cu_seqlens is None else None, q.device)
 
 
 def flat(x: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
